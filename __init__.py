@@ -1,0 +1,7 @@
+"""ComfyUI entry point of the image-prompt (IP-Adapter) and instruction-edit (InstructPix2Pix) node pack."""
+
+
+async def comfy_entrypoint():
+    """The pack's V3 extension (imported here, so that importing the pack alone needs no host)."""
+    from .nodes import ImagePromptEditExtension
+    return ImagePromptEditExtension()

@@ -1,0 +1,88 @@
+"""The one table of IP-Adapter variants: what each file holds, what it needs, and how to tell it apart.
+
+Every other part of the pack (detection, loading, the inspect command, encoder checks and their
+error messages) reads these rows. A row is recognised from the file's keys and shapes; where shapes
+cannot tell variants apart (light, plus-face, composition, FaceID-Plus v1/v2, portrait v11), a
+file-name hint picks the row, and the first row of a shape group is the default.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# CLIP vision encoders the public adapters were trained with: hidden width, projection width, input size.
+ENCODERS = {
+    "ViT-H-14": dict(hidden=1280, projection=1024, image_size=224,
+                     file="CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors"),
+    "ViT-bigG-14": dict(hidden=1664, projection=1280, image_size=224,
+                        file="CLIP-ViT-bigG-14-laion2B-39B-b160k.safetensors"),
+    "ViT-L-14-336": dict(hidden=1024, projection=768, image_size=336,
+                         file="clip-vit-large-patch14-336.bin"),
+}
+FACE_EMBEDDING = "face-embedding"  # InsightFace ArcFace, 512 values per face
+
+# UNet families by cross-attention width D (the in-dim of every to_k_ip / to_v_ip).
+BASES = {"sd15": dict(context_dim=768, layers=16), "sdxl": dict(context_dim=2048, layers=70),
+         "kolors": dict(context_dim=2048, layers=70)}
+
+# Projection kinds (image_proj layouts):
+#   linear       proj [T*D, E], norm [D]: pooled image_embeds -> T tokens
+#   resampler    latents [1, T, dim] + 4 perceiver layers: hidden states (or a face vector) -> T tokens
+#   mlp          proj.0 [E, E], proj.2 [D, E], proj.3 [D]: each hidden-state token -> one token (257)
+#   faceid       proj.0 [1024, 512], proj.2 [T*D, 1024], norm [D]: face embedding -> T tokens
+#   faceid_plus  faceid MLP, then a latent-free perceiver over CLIP hidden states (perceiver_resampler.*)
+PROJECTIONS = ("linear", "resampler", "mlp", "faceid", "faceid_plus")
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str                 # e.g. "plus-face_sd15"
+    base: str                 # "sd15" | "sdxl" | "kolors"
+    projection: str           # one of PROJECTIONS
+    embed_dim: int            # E: width of what image_proj takes (CLIP embeds/hidden, or 512 for a face)
+    tokens: int               # image tokens per image
+    encoder: str              # a key of ENCODERS, or FACE_EMBEDDING
+    encoder_output: str       # "image_embeds" | "penultimate" | "face"
+    faceid_lora: bool = False
+    shortcut: bool = False    # FaceID-Plus v2: id tokens + s * perceiver output
+    hint: str = ""            # file-name fragment that selects this row within its shape group
+    clip_encoder: str = ""    # FaceID-Plus: the CLIP encoder of the face crop (penultimate states)
+
+    @property
+    def context_dim(self) -> int:
+        return BASES[self.base]["context_dim"]
+
+
+_H, _G, _L336 = "ViT-H-14", "ViT-bigG-14", "ViT-L-14-336"
+
+VARIANTS: tuple[Variant, ...] = (
+    Variant("base_sd15", "sd15", "linear", 1024, 4, _H, "image_embeds"),
+    Variant("light_sd15", "sd15", "linear", 1024, 4, _H, "image_embeds", hint="light"),
+    Variant("vit-g_sd15", "sd15", "linear", 1280, 4, _G, "image_embeds"),
+    Variant("plus_sd15", "sd15", "resampler", 1280, 16, _H, "penultimate"),
+    Variant("plus-face_sd15", "sd15", "resampler", 1280, 16, _H, "penultimate", hint="face"),
+    Variant("composition_sd15", "sd15", "resampler", 1280, 16, _H, "penultimate", hint="composition"),
+    Variant("full-face_sd15", "sd15", "mlp", 1280, 257, _H, "penultimate"),
+    Variant("faceid_sd15", "sd15", "faceid", 512, 4, FACE_EMBEDDING, "face", faceid_lora=True),
+    Variant("portrait_sd15", "sd15", "faceid", 512, 16, FACE_EMBEDDING, "face"),
+    Variant("portrait-v11_sd15", "sd15", "faceid", 512, 16, FACE_EMBEDDING, "face", hint="v11"),
+    Variant("faceid-plus_sd15", "sd15", "faceid_plus", 512, 4, FACE_EMBEDDING, "face", faceid_lora=True,
+            clip_encoder=_H),
+    Variant("faceid-plusv2_sd15", "sd15", "faceid_plus", 512, 4, FACE_EMBEDDING, "face", faceid_lora=True,
+            shortcut=True, hint="plusv2", clip_encoder=_H),
+    Variant("base_sdxl", "sdxl", "linear", 1280, 4, _G, "image_embeds"),
+    Variant("vit-h_sdxl", "sdxl", "linear", 1024, 4, _H, "image_embeds"),
+    Variant("plus_sdxl", "sdxl", "resampler", 1280, 16, _H, "penultimate"),
+    Variant("plus-face_sdxl", "sdxl", "resampler", 1280, 16, _H, "penultimate", hint="face"),
+    Variant("composition_sdxl", "sdxl", "resampler", 1280, 16, _H, "penultimate", hint="composition"),
+    Variant("portrait-unnorm_sdxl", "sdxl", "resampler", 512, 16, FACE_EMBEDDING, "face"),
+    Variant("faceid_sdxl", "sdxl", "faceid", 512, 4, FACE_EMBEDDING, "face", faceid_lora=True),
+    Variant("portrait_sdxl", "sdxl", "faceid", 512, 16, FACE_EMBEDDING, "face"),
+    # Only a v2 FaceID-Plus exists for SDXL, so the shortcut is on without a hint.
+    Variant("faceid-plusv2_sdxl", "sdxl", "faceid_plus", 512, 4, FACE_EMBEDDING, "face", faceid_lora=True,
+            shortcut=True, clip_encoder=_H),
+    Variant("plus_kolors", "kolors", "resampler", 1024, 16, _L336, "penultimate"),
+    Variant("faceid-plus_kolors", "kolors", "faceid_plus", 512, 6, FACE_EMBEDDING, "face", shortcut=True,
+            clip_encoder=_L336),
+)
+
+BY_NAME = {v.name: v for v in VARIANTS}

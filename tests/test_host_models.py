@@ -1,0 +1,101 @@
+"""Every factory model goes through the host's own loader nodes and comes out as the real thing."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.host
+
+
+def attn2_keys(model_patcher) -> list[tuple]:
+    """(block, id, depth) of every cross-attention layer, in the host's execution order."""
+    unet = model_patcher.model.diffusion_model
+    keys = []
+    for name, module in unet.named_modules():
+        if not name.endswith(".attn2"):
+            continue
+        parts = name.split(".")
+        block = {"input_blocks": "input", "middle_block": "middle", "output_blocks": "output"}[parts[0]]
+        block_id = 0 if block == "middle" else int(parts[1])
+        keys.append((block, block_id, int(parts[-2])))
+    return keys
+
+
+def load_checkpoint(host, name):
+    return host.CheckpointLoaderSimple().load_checkpoint(name)
+
+
+def test_tiny_sd15_is_detected_and_runs(host, need_models):
+    need_models("checkpoints/tiny_sd15.ckpt")
+    model, clip, vae = load_checkpoint(host, "tiny_sd15.ckpt")
+    assert type(model.model.model_config).__name__ == "SD15"
+    assert model.model.diffusion_model.in_channels == 4
+    assert attn2_keys(model) == [("input", 1, 0), ("middle", 0, 0), ("output", 0, 0), ("output", 1, 0)]
+    (cond,) = host.CLIPTextEncode().encode(clip, "a red cube")
+    assert cond[0][0].shape == (1, 77, 768)
+    image = torch.rand(1, 64, 64, 3)
+    (latent,) = host.VAEEncode().encode(vae, image)
+    assert latent["samples"].shape == (1, 4, 8, 8)
+    (sampled,) = host.KSampler().sample(model, 1, 2, 5.0, "euler", "normal", cond, cond, latent, denoise=1.0)
+    (decoded,) = host.VAEDecode().decode(vae, sampled)
+    assert decoded.shape == (1, 64, 64, 3) and torch.isfinite(decoded).all()
+
+
+def test_ip2p_checkpoint_is_detected_as_edit_model(host, need_models):
+    need_models("checkpoints/tiny_sd15_ip2p.ckpt")
+    model, _, _ = load_checkpoint(host, "tiny_sd15_ip2p.ckpt")
+    assert type(model.model.model_config).__name__ == "SD15_instructpix2pix"
+    assert model.model.diffusion_model.in_channels == 8
+
+
+def test_controlnet_loads_and_steers_the_tiny_unet(host, need_models):
+    need_models("checkpoints/tiny_sd15.ckpt", "controlnet/tiny_sd15_controlnet.pth")
+    model, clip, _ = load_checkpoint(host, "tiny_sd15.ckpt")
+    (control,) = host.ControlNetLoader().load_controlnet("tiny_sd15_controlnet.pth")
+    assert type(control).__name__ == "ControlNet"
+    (cond,) = host.CLIPTextEncode().encode(clip, "a red cube")
+    hint = torch.rand(1, 64, 64, 3)
+    positive, negative = host.ControlNetApplyAdvanced().apply_controlnet(cond, cond, control, hint, 1.0, 0.0, 1.0)
+    latent = {"samples": torch.zeros(1, 4, 8, 8)}
+    (plain,) = host.KSampler().sample(model, 7, 1, 1.0, "euler", "normal", cond, cond, latent)
+    (steered,) = host.KSampler().sample(model, 7, 1, 1.0, "euler", "normal", positive, negative, latent)
+    assert torch.isfinite(steered["samples"]).all()
+    assert not torch.equal(plain["samples"], steered["samples"])
+
+
+@pytest.mark.parametrize("file_name, embeds, hidden", [
+    ("CLIP-ViT-H-14-laion2B-s32B-b79K.pt", 1024, (257, 1280)),
+    ("clip-vit-large-patch14-336.pt", 768, (577, 1024)),
+    pytest.param("CLIP-ViT-bigG-14-laion2B-39B-b160k.pt", 1280, (257, 1664), marks=pytest.mark.heavy),
+])
+def test_clip_vision_loads_and_encodes(host, need_models, file_name, embeds, hidden):
+    need_models(f"clip_vision/{file_name}")
+    (clip_vision,) = host.CLIPVisionLoader().load_clip(file_name)
+    (output,) = host.CLIPVisionEncode().encode(clip_vision, torch.rand(1, 300, 200, 3), "center")
+    assert output.image_embeds.shape == (1, embeds)
+    assert output.penultimate_hidden_states.shape == (1, *hidden)
+    assert torch.isfinite(output.image_embeds).all() and torch.isfinite(output.penultimate_hidden_states).all()
+
+
+@pytest.mark.heavy
+def test_full_sd15_layout_has_the_real_16_cross_attention_layers(host, need_models):
+    need_models("checkpoints/sd15_layout.ckpt")
+    model, clip, vae = load_checkpoint(host, "sd15_layout.ckpt")
+    assert type(model.model.model_config).__name__ == "SD15"
+    expected = ([("input", i, 0) for i in (1, 2, 4, 5, 7, 8)] + [("middle", 0, 0)]
+                + [("output", i, 0) for i in range(3, 12)])
+    assert attn2_keys(model) == expected
+    widths = [m.to_k.out_features for n, m in model.model.diffusion_model.named_modules() if n.endswith(".attn2")]
+    assert widths == [320, 320, 640, 640, 1280, 1280, 1280, 1280, 1280, 1280, 640, 640, 640, 320, 320, 320]
+
+
+@pytest.mark.heavy
+def test_full_sdxl_layout_has_the_real_70_cross_attention_layers(host, need_models):
+    need_models("checkpoints/sdxl_layout.ckpt")
+    model, _, _ = load_checkpoint(host, "sdxl_layout.ckpt")
+    assert type(model.model.model_config).__name__ == "SDXL"
+    keys = attn2_keys(model)
+    assert len(keys) == 70
+    assert keys.count(("middle", 0, 9)) == 1 and ("input", 8, 9) in keys and ("output", 5, 1) in keys
+    contexts = {m.to_k.in_features for n, m in model.model.diffusion_model.named_modules() if n.endswith(".attn2")}
+    assert contexts == {2048}

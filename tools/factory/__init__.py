@@ -1,0 +1,118 @@
+"""Random-weight models in the exact layouts of real files, written into a host ``models/`` folder.
+
+Files are built on first use and cached in a folder named after a hash of this package's code,
+so a change to any builder gives a fresh set. ``ensure("checkpoints/tiny_sd15.ckpt", ...)``
+builds what is missing and returns the models folder; ``stand_in(folder, real_name)`` names
+the factory file that stands in for a user's real model file in example workflows.
+
+Command line: ``python -m tools.factory [NAME ...]`` builds the named files (default: the light set).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .. import comfy_host
+from . import host_models as hm
+
+
+@dataclass(frozen=True)
+class FactoryModel:
+    name: str                       # "<host folder>/<file name>"
+    build: Callable[[], dict]       # returns the state dict to write
+    stands_for: tuple[str, ...] = ()  # real file names this model replaces in example workflows
+    heavy: bool = False             # full-size topology: built only when asked for
+
+
+def _catalogue() -> dict[str, FactoryModel]:
+    from . import ipadapters
+    entries = [
+        FactoryModel("checkpoints/tiny_sd15.ckpt", lambda: hm.sd15_checkpoint(hm.TINY_SD15_UNET, seed=1),
+                     ("v1-5-pruned-emaonly.safetensors", "v1-5-pruned-emaonly-fp16.safetensors")),
+        FactoryModel("checkpoints/tiny_sd15_ip2p.ckpt",
+                     lambda: hm.sd15_checkpoint(dict(hm.TINY_SD15_UNET, in_channels=8), seed=2),
+                     ("instruct-pix2pix-00-22000.safetensors",)),
+        FactoryModel("checkpoints/sd15_layout.ckpt", lambda: hm.sd15_checkpoint(hm.SD15_UNET, seed=3), heavy=True),
+        FactoryModel("checkpoints/sdxl_layout.ckpt", lambda: hm.sdxl_checkpoint(hm.SDXL_UNET, seed=4), heavy=True),
+        FactoryModel("controlnet/tiny_sd15_controlnet.pth", lambda: hm.controlnet(hm.TINY_SD15_UNET, seed=5),
+                     ("control_v11p_sd15_canny.pth", "control_v11f1p_sd15_depth.pth", "control_v11p_sd15_openpose.pth")),
+        FactoryModel("clip_vision/CLIP-ViT-H-14-laion2B-s32B-b79K.pt", lambda: hm.clip_vision("ViT-H-14", seed=6),
+                     ("CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors",)),
+        FactoryModel("clip_vision/CLIP-ViT-bigG-14-laion2B-39B-b160k.pt", lambda: hm.clip_vision("ViT-bigG-14", seed=7),
+                     ("CLIP-ViT-bigG-14-laion2B-39B-b160k.safetensors",)),
+        FactoryModel("clip_vision/clip-vit-large-patch14-336.pt", lambda: hm.clip_vision("ViT-L-14-336", seed=8),
+                     ("clip-vit-large-patch14-336.bin",)),
+    ]
+    for seed, variant in enumerate(ipadapters.VARIANTS, start=100):
+        for ext in (".bin", ".safetensors"):
+            entries.append(FactoryModel(f"ipadapter/{variant.stem}{ext}",
+                                        lambda v=variant, s=seed: ipadapters.adapter_state_dict(v, s),
+                                        (f"{variant.stem}{ext}",), heavy=ext == ".safetensors" and variant.base != "sd15"))
+    return {e.name: e for e in entries}
+
+
+CATALOGUE = _catalogue()
+LIGHT_SET = ("checkpoints/tiny_sd15.ckpt", "checkpoints/tiny_sd15_ip2p.ckpt", "controlnet/tiny_sd15_controlnet.pth",
+             "clip_vision/CLIP-ViT-H-14-laion2B-s32B-b79K.pt")
+
+
+def factory_key() -> str:
+    """Hash of this package's code: the cache folder changes whenever a builder does."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(__file__).parent.glob("*.py")):
+        digest.update(path.name.encode() + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def models_dir() -> Path:
+    return comfy_host.cache_root() / f"models-{factory_key()}"
+
+
+def write_state_dict(state_dict: dict, path: Path) -> None:
+    """``torch.save`` for pickle formats (pool views stay shared: small files); safetensors gets
+    contiguous copies, with grouped entries flattened as ``<group>.<key>``."""
+    tmp = path.with_name(path.name + ".partial")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import save_file
+        flat = {}
+        for key, value in state_dict.items():
+            if isinstance(value, dict):  # grouped adapter files are flattened as "<group>.<key>"
+                flat.update({f"{key}.{k}": v for k, v in value.items()})
+            else:
+                flat[key] = value
+        save_file({k: v.clone(memory_format=torch.contiguous_format) for k, v in flat.items()}, str(tmp))
+    else:
+        torch.save(state_dict, tmp)
+    os.replace(tmp, path)
+
+
+def ensure(*names: str) -> Path:
+    """Build the named factory files that are missing and return the models folder."""
+    root = models_dir()
+    for name in names:
+        model = CATALOGUE[name]
+        path = root / name
+        if not path.exists():
+            comfy_host.import_host(load_nodes=False)  # the builders read the host's model classes
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_state_dict(model.build(), path)
+    return root
+
+
+def stand_in(folder: str, real_name: str) -> str | None:
+    """The factory file name that replaces ``real_name`` in ``folder``, if there is one."""
+    for model in CATALOGUE.values():
+        model_folder, file_name = model.name.split("/", 1)
+        if model_folder == folder and (real_name in model.stands_for or real_name == file_name):
+            return file_name
+    return None
+
+
+if __name__ == "__main__":
+    print(ensure(*(sys.argv[1:] or LIGHT_SET)))

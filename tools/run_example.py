@@ -1,0 +1,79 @@
+"""The main job: a headless ComfyUI with this pack runs an example workflow through its HTTP API.
+
+    python -m tools.run_example                       # built-in random-weight models (tiny, real layouts)
+    python -m tools.run_example --models ~/ComfyUI/models   # your own models folder
+    python -m tools.run_example --workflow workflows/api/OTHER.json
+
+With the built-in models, the real file names in the workflow (e.g. v1-5-pruned-emaonly.safetensors)
+are mapped to the factory models that stand in for them; their images are noise by design.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from . import comfy_host, factory
+
+DEFAULT_WORKFLOW = comfy_host.REPO_ROOT / "workflows" / "api" / "sd15_text_to_image.json"
+
+# Loader inputs that name a model file, and the host models folder each one lists.
+MODEL_INPUTS = {
+    "ckpt_name": "checkpoints",
+    "control_net_name": "controlnet",
+    "clip_name": "clip_vision",
+    "ipadapter_file": "ipadapter",
+}
+
+
+def map_to_stand_ins(prompt: dict) -> tuple[dict, set[str]]:
+    """Replace real model file names by the factory files standing in for them.
+
+    Returns the mapped prompt and the factory files it needs (``"<folder>/<file>"``)."""
+    mapped = json.loads(json.dumps(prompt))
+    needed = set()
+    for node_id, node in mapped.items():
+        for key, value in node.get("inputs", {}).items():
+            folder = MODEL_INPUTS.get(key)
+            if folder is None or not isinstance(value, str):
+                continue
+            stand_in = factory.stand_in(folder, value)
+            if stand_in is None:
+                raise KeyError(f"node {node_id} ({node['class_type']}): no built-in model stands in for "
+                               f"{folder}/{value}; run with --models DIR to use your own files")
+            node["inputs"][key] = stand_in
+            needed.add(f"{folder}/{stand_in}")
+    return mapped, needed
+
+
+def run(workflow: Path, models: Path | None, base_dir: Path) -> list[Path]:
+    prompt = json.loads(workflow.read_text())
+    if models is None:
+        prompt, needed = map_to_stand_ins(prompt)
+        models = factory.ensure(*sorted(needed))
+    with comfy_host.HostServer(base_dir, models_dir=models) as server:
+        started = time.monotonic()
+        entry = server.run_prompt(prompt)
+        files = server.output_files(entry)
+        print(f"{workflow.name}: {len(files)} image(s) in {time.monotonic() - started:.1f} s "
+              f"on ComfyUI at {comfy_host.host_root()}")
+    return files
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", type=Path, help="a ComfyUI models folder (default: the built-in test models)")
+    parser.add_argument("--workflow", type=Path, default=DEFAULT_WORKFLOW, help="an API-format workflow JSON")
+    parser.add_argument("--base-dir", type=Path, default=comfy_host.cache_root() / "example-run",
+                        help="the host's base directory (input, output, user); default: in the cache")
+    args = parser.parse_args(argv)
+    files = run(args.workflow, args.models, args.base_dir)
+    for path in files:
+        print(path)
+    return 0 if files else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
