@@ -27,7 +27,7 @@ def test_example_workflow_produces_an_image(server):
     files = server.output_files(entry)
     assert len(files) == 1
     with Image.open(files[0]) as image:
-        assert image.size == (512, 512)
+        assert image.size == (256, 256)
 
 
 def test_missing_model_file_is_refused_and_the_server_keeps_serving(server):
