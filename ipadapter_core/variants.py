@@ -86,3 +86,19 @@ VARIANTS: tuple[Variant, ...] = (
 )
 
 BY_NAME = {v.name: v for v in VARIANTS}
+
+
+def encoder_of(hidden: int, projection: int) -> str | None:
+    """The name of the CLIP vision encoder with these widths, if it is one the table knows."""
+    return next((name for name, e in ENCODERS.items() if (e["hidden"], e["projection"]) == (hidden, projection)), None)
+
+
+def check_encoder(variant: Variant, adapter_name: str, hidden: int, projection: int) -> None:
+    """Raise ValueError, naming the encoder and file the adapter needs, unless the CLIP vision widths fit."""
+    needed = ENCODERS.get(variant.encoder)
+    if needed is None:
+        raise ValueError(f"{adapter_name} ({variant.name}) takes a face embedding, not a CLIP vision image encoding")
+    if (needed["hidden"], needed["projection"]) != (hidden, projection):
+        found = encoder_of(hidden, projection) or f"an unknown encoder (hidden width {hidden}, projection {projection})"
+        raise ValueError(f"{adapter_name} ({variant.name}) needs the CLIP vision {variant.encoder} ({needed['file']}, "
+                         f"hidden width {needed['hidden']}); the connected CLIP vision is {found}")

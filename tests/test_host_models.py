@@ -63,6 +63,7 @@ def test_controlnet_loads_and_steers_the_tiny_unet(host, need_models):
     assert not torch.equal(plain["samples"], steered["samples"])
 
 
+@pytest.mark.isolated
 @pytest.mark.parametrize("file_name, embeds, hidden", [
     ("CLIP-ViT-H-14-laion2B-s32B-b79K.pt", 1024, (257, 1280)),
     ("clip-vit-large-patch14-336.pt", 768, (577, 1024)),

@@ -53,10 +53,16 @@ def _catalogue() -> dict[str, FactoryModel]:
         for ext in (".bin", ".safetensors"):
             entries.append(FactoryModel(f"ipadapter/{variant.stem}{ext}",
                                         lambda v=variant, s=seed: ipadapters.adapter_state_dict(v, s),
-                                        (f"{variant.stem}{ext}",), heavy=ext == ".safetensors" and variant.base != "sd15"))
+                                        heavy=ext == ".safetensors" and variant.base != "sd15"))
+        if variant.base == "sd15":  # the same layout over the tiny UNet's four 320-wide layers
+            entries.append(FactoryModel(f"ipadapter/tiny_{variant.stem}.bin",
+                                        lambda v=variant, s=seed: ipadapters.adapter_state_dict(v, s, TINY_SD15_WIDTHS),
+                                        (f"{variant.stem}.safetensors", f"{variant.stem}.bin")))
     return {e.name: e for e in entries}
 
 
+# Cross-attention widths of the tiny SD1.5 UNet in adapter order (input 1, output 0, output 1, middle).
+TINY_SD15_WIDTHS = (320, 320, 320, 320)
 CATALOGUE = _catalogue()
 LIGHT_SET = ("checkpoints/tiny_sd15.ckpt", "checkpoints/tiny_sd15_ip2p.ckpt", "controlnet/tiny_sd15_controlnet.pth",
              "clip_vision/CLIP-ViT-H-14-laion2B-s32B-b79K.pt")
@@ -106,12 +112,11 @@ def ensure(*names: str) -> Path:
 
 
 def stand_in(folder: str, real_name: str) -> str | None:
-    """The factory file name that replaces ``real_name`` in ``folder``, if there is one."""
-    for model in CATALOGUE.values():
-        model_folder, file_name = model.name.split("/", 1)
-        if model_folder == folder and (real_name in model.stands_for or real_name == file_name):
-            return file_name
-    return None
+    """The factory file name that replaces ``real_name`` in ``folder`` (a tiny stand-in where there is
+    one, else a file of that very name), or None."""
+    files = {m.name.split("/", 1)[1]: m for m in CATALOGUE.values() if m.name.startswith(folder + "/")}
+    stand_ins = [file_name for file_name, model in files.items() if real_name in model.stands_for]
+    return stand_ins[0] if stand_ins else (real_name if real_name in files else None)
 
 
 if __name__ == "__main__":

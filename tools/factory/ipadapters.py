@@ -131,10 +131,11 @@ def image_proj_shapes(v: AdapterVariant) -> dict[str, tuple]:
     raise ValueError(f"unknown projection type {v.proj!r}")
 
 
-def ip_adapter_shapes(v: AdapterVariant) -> dict[str, tuple]:
-    """Key -> shape of the ``ip_adapter`` group: to_k_ip/to_v_ip [C,D] at odd ids, LoRA at all ids."""
+def ip_adapter_shapes(v: AdapterVariant, widths: tuple[int, ...] | None = None) -> dict[str, tuple]:
+    """Key -> shape of the ``ip_adapter`` group: to_k_ip/to_v_ip [C,D] at odd ids, LoRA at all ids.
+    ``widths`` replaces the real UNet's layer widths (for adapters that fit a tiny test UNet)."""
     D, shapes = v.cross_dim, {}
-    for layer, C in enumerate(CROSS_WIDTHS[v.base]):
+    for layer, C in enumerate(widths or CROSS_WIDTHS[v.base]):
         if v.lora:
             for pid, kv_in in ((2 * layer, C), (2 * layer + 1, D)):  # attn1 (self), attn2 (cross)
                 for name, fan_in in (("q", C), ("k", kv_in), ("v", kv_in), ("out", C)):
@@ -151,11 +152,12 @@ def _is_layer_norm(key: str) -> bool:
     return key.endswith(("proj.3.weight", ".1.0.weight"))
 
 
-def adapter_state_dict(v: AdapterVariant, seed: int = 0) -> dict[str, dict[str, torch.Tensor]]:
+def adapter_state_dict(v: AdapterVariant, seed: int = 0,
+                       widths: tuple[int, ...] | None = None) -> dict[str, dict[str, torch.Tensor]]:
     """{"image_proj": ..., v.attn_group: ...} of fp16 views into shared random pools."""
     pools = WeightPools(seed)
     out = {}
-    for group, shapes in (("image_proj", image_proj_shapes(v)), (v.attn_group, ip_adapter_shapes(v))):
+    for group, shapes in (("image_proj", image_proj_shapes(v)), (v.attn_group, ip_adapter_shapes(v, widths))):
         sd = pools.state_dict({k: torch.Size(s) for k, s in shapes.items()})
         for key in filter(_is_layer_norm, list(sd)):
             sd[key] = pools.view(shapes[key], "ones")

@@ -1,0 +1,87 @@
+"""Registering decoupled cross-attention on a cloned host model, through the host's own patch mechanism.
+
+The layer list is read from the model itself (fine-tunes and distilled UNets have other depths), in
+the order adapter files number their layers: input blocks, output blocks, then the middle block, which
+the host keys as ("middle", 0). Which conditioning produced each batch chunk is read from the guider
+once per sampling run (an OUTER_SAMPLE wrapper): chunks of its "positive" conditioning get the cond
+image tokens, every other conditioning (negative, DualCFGGuider's middle, ...) the uncond tokens.
+"""
+from __future__ import annotations
+
+import comfy.patcher_extension
+from comfy.ldm.modules.attention import optimized_attention
+
+from ..ipadapter_core.attention import AdapterSpec, DecoupledCrossAttention, LayerKey
+from ..ipadapter_core.loader import AdapterFile
+
+UNCOND_UUIDS = "image_prompt_uncond_uuids"  # key in transformer_options, set per sampling run
+WRAPPER_KEY = "image_prompt_conds"
+
+
+class AdapterModelMismatch(ValueError):
+    """An adapter whose cross-attention layers do not fit the model's."""
+
+
+def cross_attention_layers(model_patcher) -> list[tuple[LayerKey, int, int]]:
+    """(host key, width C, context width D) of every cross-attention layer, in adapter-file order."""
+    unet = model_patcher.get_model_object("diffusion_model")
+    groups = [("input", enumerate(unet.input_blocks)), ("output", enumerate(unet.output_blocks))]
+    if unet.middle_block is not None:
+        groups.append(("middle", [(0, unet.middle_block)]))
+    layers = []
+    for block_name, blocks in groups:
+        for block_id, block in blocks:
+            for module in block.modules():
+                for depth, transformer in enumerate(getattr(module, "transformer_blocks", ())):
+                    attn2 = getattr(transformer, "attn2", None)
+                    if attn2 is not None:
+                        layers.append(((block_name, block_id, depth), attn2.to_k.out_features, attn2.to_k.in_features))
+    return layers
+
+
+def check_fit(adapter: AdapterFile, layers: list[tuple[LayerKey, int, int]]) -> None:
+    """Raise AdapterModelMismatch, naming both sides, unless every adapter layer fits the model's."""
+    context_dims = {d for _, _, d in layers}
+    model_widths = tuple(c for _, c, _ in layers)
+    v = adapter.variant
+    if context_dims != {v.context_dim} or model_widths != adapter.layer_widths:
+        model_kind = {768: "SD1.5", 2048: "SDXL"}.get(next(iter(context_dims), 0), "another")
+        raise AdapterModelMismatch(
+            f"{adapter.name} is a {v.base.upper()} IP-Adapter ({len(adapter.layer_widths)} cross-attention layers, "
+            f"context width {v.context_dim}) but the model is an {model_kind} UNet ({len(layers)} cross-attention "
+            f"layers, context width {'/'.join(map(str, sorted(context_dims)))}): load an adapter made for this model")
+
+
+def uncond_chunks(options: dict) -> tuple[bool, ...]:
+    """Per batch chunk: does it come from a non-positive conditioning? Falls back to the host's CFG
+    convention (cond_or_uncond 1 = negative) when the model runs outside a guider."""
+    uncond = options.get(UNCOND_UUIDS)
+    if uncond is not None and "uuids" in options:
+        return tuple(u in uncond for u in options["uuids"])
+    return tuple(c == 1 for c in options["cond_or_uncond"])
+
+
+def _tag_uncond_conds(executor, *args, **kwargs):
+    """OUTER_SAMPLE wrapper: record which conditionings (by uuid) are not the guider's positive."""
+    guider = executor.class_obj
+    options = guider.model_options.setdefault("transformer_options", {})
+    options[UNCOND_UUIDS] = frozenset(c["uuid"] for key, conds in guider.conds.items() if key != "positive"
+                                      for c in (conds or ()) if "uuid" in c)
+    return executor(*args, **kwargs)
+
+
+def patch_model(model_patcher, adapter: AdapterFile, spec: AdapterSpec):
+    """A clone of ``model_patcher`` with ``spec`` added to its decoupled cross-attention (the input is untouched)."""
+    layers = cross_attention_layers(model_patcher)
+    check_fit(adapter, layers)
+    patched = model_patcher.clone()
+    replaces = patched.model_options["transformer_options"].get("patches_replace", {}).get("attn2", {})
+    previous = replaces.get(layers[0][0])
+    adapters = (previous.adapters if isinstance(previous, DecoupledCrossAttention) else ()) + (spec,)
+    patch = DecoupledCrossAttention(optimized_attention, {key: i for i, (key, _, _) in enumerate(layers)},
+                                    adapters, uncond_chunks)
+    for (block_name, block_id, depth), _, _ in layers:
+        patched.set_model_attn2_replace(patch, block_name, block_id, depth)
+    if not patched.get_wrappers(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY):
+        patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, _tag_uncond_conds)
+    return patched

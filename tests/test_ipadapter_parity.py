@@ -1,0 +1,188 @@
+"""Our decoupled cross-attention inside the host's UNet equals diffusers' IP-Adapter with the same weights.
+
+The host model comes from a factory checkpoint through CheckpointLoaderSimple; diffusers'
+UNet2DConditionModel gets the same weights through the host's own LDM->diffusers key map, and the same
+adapter file through diffusers' own IP-Adapter loader (``_load_ip_adapter_weights``).
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+
+import pytest
+import torch
+
+from tools import factory
+from tools.factory.ipadapters import BY_STEM, adapter_state_dict
+
+pytestmark = pytest.mark.host
+
+TINY_DIFFUSERS = dict(sample_size=8, in_channels=4, out_channels=4, down_block_types=("CrossAttnDownBlock2D",),
+                      up_block_types=("CrossAttnUpBlock2D",), block_out_channels=(320,), layers_per_block=1,
+                      cross_attention_dim=768, attention_head_dim=8)
+SD15_DIFFUSERS = dict(sample_size=64, in_channels=4, out_channels=4, cross_attention_dim=768, attention_head_dim=8,
+                      block_out_channels=(320, 640, 1280, 1280), layers_per_block=2)
+
+
+def pack_module(host, name: str):
+    """A module of this pack as the host loaded it (``name`` relative to the pack root)."""
+    package = sys.modules[host.NODE_CLASS_MAPPINGS["ImagePromptApply"].__module__].__package__.rsplit(".", 1)[0]
+    return importlib.import_module(f"{package}.{name}")
+
+
+def diffusers_twin(model, config: dict):
+    """diffusers' UNet2DConditionModel holding the host model's UNet weights (fp32, eval)."""
+    import comfy.utils
+    from diffusers import UNet2DConditionModel
+    mapping = comfy.utils.unet_to_diffusers(model.model.model_config.unet_config)
+    host_sd = model.model.diffusion_model.state_dict()
+    unet = UNet2DConditionModel(**config)
+    unet.load_state_dict({k: host_sd[mapping[k]].float() for k in unet.state_dict()}, strict=True)
+    return unet.eval()
+
+
+def embeds_for(variant, generator, batch=1):
+    """Random CLIP outputs of the kind this variant reads: pooled [B, E] or penultimate [B, 257, E]."""
+    if variant.encoder_output == "image_embeds":
+        return torch.randn(batch, variant.embed_dim, generator=generator)
+    return torch.randn(batch, 257, variant.embed_dim, generator=generator)
+
+
+class Setup:
+    """One host model and its diffusers twin, plus helpers to patch and run both."""
+
+    def __init__(self, host, checkpoint: str, config: dict, widths):
+        self.host = host
+        self.model = host.CheckpointLoaderSimple().load_checkpoint(checkpoint)[0]
+        self.twin = diffusers_twin(self.model, config)
+        self.widths = widths
+        self.loader = pack_module(host, "ipadapter_core.loader")
+        self.projection = pack_module(host, "ipadapter_core.projection")
+        self.attention = pack_module(host, "ipadapter_core.attention")
+        self.patch = pack_module(host, "nodes.ipadapter_patch")
+
+    def adapter(self, stem: str, seed: int, tmp_path):
+        """(our AdapterFile, its fp32 grouped state dict) for a factory layout over this UNet's widths."""
+        groups = adapter_state_dict(BY_STEM[stem], seed, self.widths)
+        path = tmp_path / f"{stem}-{seed}.bin"
+        factory.write_state_dict(groups, path)
+        return self.loader.load_adapter(path), {g: {k: v.float() for k, v in sd.items()} for g, sd in groups.items()}
+
+    def spec(self, adapter, cond_embeds, uncond_embeds, weight):
+        proj = self.projection.build_projection(adapter.variant, adapter.image_proj)
+        with torch.no_grad():
+            cond, uncond = proj(cond_embeds), proj(uncond_embeds)
+        ids = range(1, 2 * len(adapter.layer_widths), 2)
+        return self.attention.AdapterSpec(cond.reshape(1, -1, cond.shape[-1]), uncond.reshape(1, -1, cond.shape[-1]),
+                                          tuple(adapter.ip_adapter[f"{i}.to_k_ip.weight"].float() for i in ids),
+                                          tuple(adapter.ip_adapter[f"{i}.to_v_ip.weight"].float() for i in ids),
+                                          (weight,) * len(adapter.layer_widths))
+
+    def run_host(self, model, x, t, context, cond_or_uncond):
+        options = dict(model.model_options["transformer_options"], cond_or_uncond=cond_or_uncond)
+        with torch.no_grad():
+            return model.model.diffusion_model(x, timesteps=t, context=context, transformer_options=options)
+
+    def run_diffusers(self, state_dicts, weights, image_embeds, x, t, context):
+        self.twin._load_ip_adapter_weights(state_dicts)
+        for processor in self.twin.attn_processors.values():
+            if hasattr(processor, "scale"):
+                processor.scale = list(weights)
+        with torch.no_grad():
+            return self.twin(x, t, encoder_hidden_states=context,
+                             added_cond_kwargs={"image_embeds": image_embeds}).sample
+
+
+@pytest.fixture(scope="module")
+def tiny(host, need_models):
+    need_models("checkpoints/tiny_sd15.ckpt")
+    return Setup(host, "tiny_sd15.ckpt", TINY_DIFFUSERS, factory.TINY_SD15_WIDTHS)
+
+
+def inputs(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(2, 4, 8, 8, generator=g), torch.tensor([421.0, 421.0]), torch.randn(2, 77, 768, generator=g), g
+
+
+def _diffusers_embeds(variant, uncond, cond):
+    """diffusers batches image embeds per adapter as [batch, images, ...]: here [uncond; cond] with one image."""
+    return torch.cat([uncond, cond]).unsqueeze(1)
+
+
+@pytest.mark.parametrize("stem", ["ip-adapter_sd15", "ip-adapter-plus_sd15", "ip-adapter-full-face_sd15",
+                                  "ip-adapter_sd15_vit-G"])
+@pytest.mark.parametrize("weight", [1.0, 0.35])
+def test_one_adapter_matches_diffusers(tiny, tmp_path, stem, weight):
+    x, t, context, g = inputs()
+    adapter, state = tiny.adapter(stem, 11, tmp_path)
+    cond, uncond = embeds_for(adapter.variant, g), embeds_for(adapter.variant, g)
+    patched = tiny.patch.patch_model(tiny.model, adapter, tiny.spec(adapter, cond, uncond, weight))
+    ours = tiny.run_host(patched, x, t, context, cond_or_uncond=[1, 0])  # uncond rows first, as diffusers
+    plain = tiny.run_host(tiny.model, x, t, context, cond_or_uncond=[1, 0])
+    theirs = tiny.run_diffusers([state], [weight], [_diffusers_embeds(adapter.variant, uncond, cond)], x, t, context)
+    assert (ours - plain).abs().max() > 100 * (ours - theirs).abs().max()  # the adapter really moved the output
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-4)
+
+
+def test_two_adapters_compose_like_diffusers(tiny, tmp_path):
+    x, t, context, g = inputs(1)
+    first, first_state = tiny.adapter("ip-adapter_sd15", 21, tmp_path)
+    second, second_state = tiny.adapter("ip-adapter-plus_sd15", 22, tmp_path)
+    e1 = embeds_for(first.variant, g), embeds_for(first.variant, g)
+    e2 = embeds_for(second.variant, g), embeds_for(second.variant, g)
+    once = tiny.patch.patch_model(tiny.model, first, tiny.spec(first, *e1, 0.8))
+    twice = tiny.patch.patch_model(once, second, tiny.spec(second, *e2, 0.6))
+    ours = tiny.run_host(twice, x, t, context, cond_or_uncond=[1, 0])
+    theirs = tiny.run_diffusers([first_state, second_state], [0.8, 0.6],
+                                [_diffusers_embeds(first.variant, e1[1], e1[0]),
+                                 _diffusers_embeds(second.variant, e2[1], e2[0])], x, t, context)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-4)
+
+
+def test_batch_layout_follows_cond_or_uncond(tiny, tmp_path):
+    """Cond-first batches get the cond tokens in the first chunk: same rows as the uncond-first run, swapped."""
+    x, t, context, g = inputs(2)
+    adapter, _ = tiny.adapter("ip-adapter-plus_sd15", 31, tmp_path)
+    cond, uncond = embeds_for(adapter.variant, g), embeds_for(adapter.variant, g)
+    patched = tiny.patch.patch_model(tiny.model, adapter, tiny.spec(adapter, cond, uncond, 1.0))
+    uncond_first = tiny.run_host(patched, x, t, context, cond_or_uncond=[1, 0])
+    cond_first = tiny.run_host(patched, x.flip(0), t, context.flip(0), cond_or_uncond=[0, 1])
+    torch.testing.assert_close(cond_first.flip(0), uncond_first, rtol=0, atol=1e-5)
+
+
+def test_weight_zero_is_bit_identical_and_the_input_model_is_untouched(tiny, tmp_path):
+    x, t, context, g = inputs(3)
+    before = tiny.run_host(tiny.model, x, t, context, cond_or_uncond=[1, 0])
+    adapter, _ = tiny.adapter("ip-adapter_sd15", 41, tmp_path)
+    cond, uncond = embeds_for(adapter.variant, g), embeds_for(adapter.variant, g)
+    zero = tiny.patch.patch_model(tiny.model, adapter, tiny.spec(adapter, cond, uncond, 0.0))
+    assert torch.equal(tiny.run_host(zero, x, t, context, cond_or_uncond=[1, 0]), before)
+    strong = tiny.patch.patch_model(tiny.model, adapter, tiny.spec(adapter, cond, uncond, 2.0))
+    assert not torch.equal(tiny.run_host(strong, x, t, context, cond_or_uncond=[1, 0]), before)
+    assert "patches_replace" not in tiny.model.model_options["transformer_options"]
+    assert torch.equal(tiny.run_host(tiny.model, x, t, context, cond_or_uncond=[1, 0]), before)
+
+
+def test_sdxl_adapter_on_sd15_model_names_both(tiny, need_models):
+    models = need_models("ipadapter/ip-adapter_sdxl.bin")
+    adapter = tiny.loader.load_adapter(models / "ipadapter/ip-adapter_sdxl.bin")
+    with pytest.raises(ValueError, match=r"ip-adapter_sdxl.bin is a SDXL IP-Adapter \(70 cross-attention layers, "
+                                         r"context width 2048\) but the model is an SD1.5 UNet \(4 cross-attention"):
+        tiny.patch.check_fit(adapter, tiny.patch.cross_attention_layers(tiny.model))
+
+
+@pytest.mark.heavy
+@pytest.mark.parametrize("stem", ["ip-adapter_sd15", "ip-adapter-plus_sd15"])
+def test_real_sd15_layout_matches_diffusers(host, need_models, tmp_path, stem):
+    """The real 16-layer file layout on the full SD1.5 topology: ids 1-29 input/output, 31 the middle block."""
+    need_models("checkpoints/sd15_layout.ckpt")
+    full = Setup(host, "sd15_layout.ckpt", SD15_DIFFUSERS, None)
+    x, t, context, g = inputs(5)
+    adapter, state = full.adapter(stem, 51, tmp_path)
+    cond, uncond = embeds_for(adapter.variant, g), embeds_for(adapter.variant, g)
+    patched = full.patch.patch_model(full.model, adapter, full.spec(adapter, cond, uncond, 1.0))
+    ours = full.run_host(patched, x, t, context, cond_or_uncond=[1, 0])
+    plain = full.run_host(full.model, x, t, context, cond_or_uncond=[1, 0])
+    theirs = full.run_diffusers([state], [1.0], [_diffusers_embeds(adapter.variant, uncond, cond)], x, t, context)
+    assert (ours - plain).abs().max() > 100 * (ours - theirs).abs().max()
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-4)
