@@ -19,27 +19,74 @@ AttentionFn = Callable[..., torch.Tensor]
 LayerKey = tuple[str, int, int]  # (block name, block id, depth index in its transformer)
 
 
+KV_SCALINGS = ("V only", "K+V", "K+V w/ C penalty", "K+mean(V) w/ C penalty")
+PENALTY_WIDTH = 1280  # the C penalty scales a layer's weight by C / 1280: shallow layers are damped
+
+
 @dataclass(frozen=True)
 class AdapterSpec:
-    """One adapter on one model: image tokens, per-layer K/V weights and per-layer weights.
+    """One adapter on one model: image tokens, per-layer K/V weights and weights, and how they apply.
 
-    ``cond_tokens`` / ``uncond_tokens`` are [1, T, D]; ``to_k[i]`` / ``to_v[i]`` are [C_i, D] for layer i;
-    ``layer_weights[i]`` is the scale of the image term at layer i (0 skips the layer)."""
+    ``cond_tokens`` / ``uncond_tokens`` [1, T, D]; ``to_k[i]`` / ``to_v[i]`` [C_i, D] for layer i;
+    ``layer_weights[i]`` scales the image term at layer i (0 skips the layer); ``swapped[i]`` gives the
+    image to the uncond side and zeros to the cond side (the precise weight types). ``kv_scaling`` is
+    where the weight applies: to the output ("V only"), to K and V, with the C penalty, or to K and the
+    token mean of V. ``sigma_range`` (high, low) limits the adapter to low <= sigma <= high. ``mask``
+    [H, W] in [0, 1] limits it to a region of the image, at any aspect ratio."""
     cond_tokens: torch.Tensor
     uncond_tokens: torch.Tensor
     to_k: tuple[torch.Tensor, ...]
     to_v: tuple[torch.Tensor, ...]
     layer_weights: tuple[float, ...]
+    swapped: tuple[bool, ...] = ()
+    kv_scaling: str = "V only"
+    sigma_range: tuple[float, float] | None = None
+    mask: torch.Tensor | None = None
     _kv_cache: dict = field(default_factory=dict, compare=False, repr=False)
 
-    def image_kv(self, layer: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """K and V of [uncond; cond] tokens at ``layer``: two tensors [2, T, C], computed once."""
+    def __post_init__(self):
+        if self.kv_scaling not in KV_SCALINGS:
+            raise ValueError(f"embeds_scaling: '{self.kv_scaling}' is not one of {', '.join(KV_SCALINGS)}")
+
+    def image_kv(self, layer: int, device: torch.device, dtype: torch.dtype):
+        """(K [2, T, C], V [2, T, C], output scale) at ``layer``: row 0 for uncond chunks, row 1 for cond
+        chunks, with the weight folded into K/V unless it scales the output. Computed once."""
         key = (layer, device, dtype)
         if key not in self._kv_cache:
-            tokens = torch.cat([self.uncond_tokens, self.cond_tokens]).to(device, dtype)
-            self._kv_cache[key] = (tokens @ self.to_k[layer].to(device, dtype).T,
-                                   tokens @ self.to_v[layer].to(device, dtype).T)
+            cond, uncond = self.cond_tokens, self.uncond_tokens
+            if self.swapped and self.swapped[layer]:
+                cond, uncond = torch.zeros_like(cond), cond
+            tokens = torch.cat([uncond, cond]).to(device, torch.float32)
+            k = tokens @ self.to_k[layer].to(device, torch.float32).T
+            v = tokens @ self.to_v[layer].to(device, torch.float32).T
+            weight, scale = self.layer_weights[layer], 1.0
+            if self.kv_scaling == "V only":
+                scale = weight
+            else:
+                if self.kv_scaling != "K+V":
+                    weight = weight * k.shape[-1] / PENALTY_WIDTH
+                k = k * weight
+                if self.kv_scaling == "K+mean(V) w/ C penalty":
+                    mean = v.mean(dim=1, keepdim=True)
+                    v = v - mean + mean * weight
+                else:
+                    v = v * weight
+            self._kv_cache[key] = (k.to(dtype), v.to(dtype), scale)
         return self._kv_cache[key]
+
+
+def mask_grid(mask: torch.Tensor, tokens: int, latent_hw: tuple[int, int]) -> torch.Tensor:
+    """``mask`` [H, W] resized to the token grid of a layer with ``tokens`` positions: [tokens, 1].
+
+    The grid is the latent size halved (rounding up, as the UNet's strided convolutions do) until it
+    has ``tokens`` positions, so any aspect ratio maps exactly."""
+    h, w = latent_hw
+    while h * w > tokens and h * w > 1:
+        h, w = (h + 1) // 2, (w + 1) // 2
+    if h * w != tokens:
+        raise ValueError(f"attn_mask: no token grid of {tokens} positions fits a latent of {latent_hw[0]}x{latent_hw[1]}")
+    grid = torch.nn.functional.interpolate(mask[None, None].float(), size=(h, w), mode="bilinear")
+    return grid.reshape(tokens, 1)
 
 
 class DecoupledCrossAttention:
@@ -57,26 +104,40 @@ class DecoupledCrossAttention:
         self._batched: dict = {}
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, options: dict) -> torch.Tensor:
-        heads = options["n_heads"]
-        out = self.attention(q, k, v, heads, attn_precision=options.get("attn_precision"), transformer_options=options)
+        heads, precision = options["n_heads"], options.get("attn_precision")
+        out = self.attention(q, k, v, heads, attn_precision=precision, transformer_options=options)
         block = options["block"]
         layer = self.layers[(block[0], block[1], options.get("block_index", 0))]
         flags = self.uncond_chunks(options)
         for index, adapter in enumerate(self.adapters):
-            weight = adapter.layer_weights[layer]
-            if weight == 0:
+            if adapter.layer_weights[layer] == 0:
                 continue
-            k_ip, v_ip = self._batched_kv(index, adapter, layer, flags, q.shape[0] // len(flags), q.device, q.dtype)
-            out = out + weight * self.attention(q, k_ip, v_ip, heads, attn_precision=options.get("attn_precision"))
+            k_ip, v_ip, scale = self._batched_kv(index, adapter, layer, flags, q.shape[0] // len(flags), q.device,
+                                                 q.dtype)
+            term = self.attention(q, k_ip, v_ip, heads, attn_precision=precision)
+            if adapter.sigma_range is not None:  # compared on the device: no host sync
+                high, low = adapter.sigma_range
+                sigma = options["sigmas"][:1]
+                scale = ((sigma <= high) & (sigma >= low)).to(q.dtype) * scale
+            if adapter.mask is not None:
+                term = term * self._mask(index, adapter, q.shape[1], tuple(options["original_shape"][-2:]),
+                                         q.device, q.dtype)
+            out = out + term * scale
         return out
+
+    def _mask(self, index, adapter, tokens, latent_hw, device, dtype):
+        key = ("mask", index, tokens, latent_hw, device, dtype)
+        if key not in self._batched:
+            self._batched[key] = mask_grid(adapter.mask, tokens, latent_hw).to(device, dtype)
+        return self._batched[key]
 
     def _batched_kv(self, index, adapter, layer, flags, rows, device, dtype):
         """Image K/V laid out like the batch ([B, T, C]): uncond chunks get the uncond tokens, the rest cond."""
         key = (index, layer, flags, rows, device, dtype)
         if key not in self._batched:
-            k_pair, v_pair = adapter.image_kv(layer, device, dtype)
+            k_pair, v_pair, scale = adapter.image_kv(layer, device, dtype)
             pick = torch.tensor([0 if uncond else 1 for uncond in flags for _ in range(rows)], device=device)
-            self._batched[key] = (k_pair.index_select(0, pick), v_pair.index_select(0, pick))
+            self._batched[key] = (k_pair.index_select(0, pick), v_pair.index_select(0, pick), scale)
         return self._batched[key]
 
     def __deepcopy__(self, memo):

@@ -8,11 +8,13 @@ import folder_paths
 import torch
 from comfy_api.latest import io
 
-from ..ipadapter_core.attention import AdapterSpec
+from ..ipadapter_core.attention import KV_SCALINGS, AdapterSpec
+from ..ipadapter_core.embeds import COMBINE_MODES, combine_embeds
 from ..ipadapter_core.loader import AdapterFile, load_adapter
 from ..ipadapter_core.projection import build_projection
 from ..ipadapter_core.variants import check_encoder
-from .ipadapter_patch import patch_model
+from ..ipadapter_core.weights import WEIGHT_TYPES, layer_weights
+from .ipadapter_patch import check_fit, cross_attention_layers, patch_model
 
 FOLDER = "ipadapter"
 CATEGORY = "image_prompt"
@@ -57,31 +59,108 @@ class ImagePromptAdapterLoader(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, ipadapter_file: str) -> bool | str:
+        """Refuse a missing file when the prompt is queued, before anything runs."""
+        if folder_paths.get_full_path(FOLDER, ipadapter_file) is None:
+            return (f"ipadapter_file: '{ipadapter_file}' is not in the ipadapter model folders "
+                    f"({', '.join(folder_paths.get_folder_paths(FOLDER))})")
+        return True
+
+    @classmethod
     def execute(cls, ipadapter_file: str) -> io.NodeOutput:
         adapter = load_adapter(folder_paths.get_full_path_or_raise(FOLDER, ipadapter_file))
         return io.NodeOutput(LoadedAdapter(adapter, build_projection(adapter.variant, adapter.image_proj)))
 
 
-def encode_reference(adapter: LoadedAdapter, clip_vision, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cond and uncond image tokens [1, T·n, D] for a batch of n reference images (their tokens concatenated)."""
+def _clip_embeds(variant, clip_vision, image: torch.Tensor) -> torch.Tensor:
+    """The CLIP output this variant reads: pooled image_embeds [n, E] or penultimate states [n, N, E]."""
+    encoded = clip_vision.encode_image(image[..., :3])
+    return encoded.image_embeds if variant.encoder_output == "image_embeds" else encoded.penultimate_hidden_states
+
+
+def _check_image(name: str, image: torch.Tensor | None) -> None:
+    if image is not None and (image.ndim != 4 or image.shape[-1] not in (3, 4) or min(image.shape[1:3]) < 2):
+        raise ValueError(f"{name}: expected an IMAGE batch [B, H, W, 3], got shape {tuple(image.shape)}")
+
+
+def encode_reference(adapter: LoadedAdapter, clip_vision, image: torch.Tensor, combine: str = "concat",
+                     negative: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cond and uncond image tokens [1, T', D] for a batch of n reference images: T' = n·T with
+    ``concat``, T after any other combine mode. The uncond side encodes ``negative`` if given, else
+    what the reference implementations use: zero embeds (pooled) or a neutral image (hidden states)."""
     variant, name = adapter.file.variant, adapter.file.name
-    if image.ndim != 4 or image.shape[-1] not in (3, 4) or min(image.shape[1:3]) < 2:
-        raise ValueError(f"image: expected an IMAGE batch [B, H, W, 3], got shape {tuple(image.shape)}")
+    _check_image("image", image)
+    _check_image("image_negative", negative)
     encoded = clip_vision.encode_image(image[..., :3])
     check_encoder(variant, name, encoded.penultimate_hidden_states.shape[-1], encoded.image_embeds.shape[-1])
-    if variant.encoder_output == "image_embeds":
-        embeds = encoded.image_embeds
+    embeds = encoded.image_embeds if variant.encoder_output == "image_embeds" else encoded.penultimate_hidden_states
+    if negative is not None:
+        uncond = _clip_embeds(variant, clip_vision, negative)
+        uncond = uncond[torch.arange(embeds.shape[0]) % uncond.shape[0]]
+    elif variant.encoder_output == "image_embeds":
         uncond = torch.zeros_like(embeds)
     else:
-        embeds = encoded.penultimate_hidden_states
         neutral = torch.tensor(CLIP_MEAN).expand(1, *image.shape[1:3], 3)
-        uncond = clip_vision.encode_image(neutral).penultimate_hidden_states.expand_as(embeds)
-    projection = adapter.projection
+        uncond = _clip_embeds(variant, clip_vision, neutral).expand_as(embeds)
+    embeds, uncond = combine_embeds(embeds, combine), combine_embeds(uncond, combine)
     with torch.no_grad():
-        cond_tokens = projection(embeds.float().cpu())
-        uncond_tokens = projection(uncond.float().cpu())
+        cond_tokens = adapter.projection(embeds.float().cpu())
+        uncond_tokens = adapter.projection(uncond.float().cpu())
+    if not (torch.isfinite(cond_tokens).all() and torch.isfinite(uncond_tokens).all()):
+        raise ValueError(f"image: the CLIP vision encoding of the reference gave NaN or inf image tokens for {name}")
     width = cond_tokens.shape[-1]
     return cond_tokens.reshape(1, -1, width), uncond_tokens.reshape(1, -1, width)
+
+
+def adapter_spec(model, adapter: LoadedAdapter, cond: torch.Tensor, uncond: torch.Tensor, weight: float,
+                 weight_type: str = "linear", start_at: float = 0.0, end_at: float = 1.0,
+                 embeds_scaling: str = "V only", attn_mask: torch.Tensor | None = None,
+                 composition_weight: float | None = None) -> AdapterSpec:
+    """Everything the patch needs, decided once: per-layer weights, K/V weights, sigma range, mask."""
+    if not 0.0 <= start_at < end_at <= 1.0:
+        raise ValueError(f"start_at ({start_at}) must be below end_at ({end_at}), both within 0..1")
+    layers, blocks = cross_attention_layers(model)
+    check_fit(adapter.file, layers)
+    weights = layer_weights(weight_type, weight, [(layer.key[0], layer.transformer_index) for layer in layers],
+                            blocks, composition_weight)
+    sigma_range = None
+    if (start_at, end_at) != (0.0, 1.0):
+        sampling = model.get_model_object("model_sampling")
+        sigma_range = (float(sampling.percent_to_sigma(start_at)), float(sampling.percent_to_sigma(end_at)))
+    mask = None
+    if attn_mask is not None:
+        if attn_mask.ndim not in (2, 3) or (attn_mask.ndim == 3 and attn_mask.shape[0] != 1):
+            raise ValueError(f"attn_mask: expected one MASK [1, H, W], got shape {tuple(attn_mask.shape)}")
+        mask = attn_mask.reshape(attn_mask.shape[-2:]).float().clamp(0, 1)
+    file = adapter.file
+    ids = range(1, 2 * len(file.layer_widths), 2)
+    return AdapterSpec(cond, uncond, tuple(file.ip_adapter[f"{i}.to_k_ip.weight"] for i in ids),
+                       tuple(file.ip_adapter[f"{i}.to_v_ip.weight"] for i in ids), weights.weights,
+                       weights.swapped, embeds_scaling, sigma_range, mask)
+
+
+def _common_inputs():
+    return [
+        io.Model.Input("model", tooltip="The model to steer; it is cloned, never modified."),
+        Adapter.Input("ipadapter", tooltip="From Load IP-Adapter."),
+        io.ClipVision.Input("clip_vision", tooltip="The CLIP vision encoder the adapter was trained with "
+                                                   "(the error names it if another is connected)."),
+        io.Image.Input("image", tooltip="The reference image; a batch of images is used together."),
+        io.Float.Input("weight", default=1.0, min=-1.0, max=5.0, step=0.05,
+                       tooltip="Scale of the image attention; 0 leaves the model unchanged."),
+        io.Combo.Input("weight_type", options=list(WEIGHT_TYPES), default="linear",
+                       tooltip="How the weight spreads over the UNet's attention blocks: curves (ease in/out: less "
+                               "in early or late blocks), or block maps for SD1.5/SDXL (style transfer, composition; "
+                               "'precise' ones also guide away from the reference on the other blocks)."),
+        io.Float.Input("start_at", default=0.0, min=0.0, max=1.0, step=0.01,
+                       tooltip="Share of the sampling schedule after which the adapter starts."),
+        io.Float.Input("end_at", default=1.0, min=0.0, max=1.0, step=0.01,
+                       tooltip="Share of the sampling schedule after which the adapter stops."),
+    ]
+
+
+_MASK_INPUT = io.Mask.Input("attn_mask", optional=True,
+                            tooltip="Where the reference applies (white) in the generated image; any size.")
 
 
 class ImagePromptApply(io.ComfyNode):
@@ -93,27 +172,54 @@ class ImagePromptApply(io.ComfyNode):
             category=CATEGORY,
             description="Steers the model with a reference image through decoupled cross-attention on every "
                         "cross-attention layer (the middle block included). The input model is not changed.",
+            inputs=[*_common_inputs(), _MASK_INPUT],
+            outputs=[io.Model.Output()],
+        )
+
+    @classmethod
+    def execute(cls, model, ipadapter: LoadedAdapter, clip_vision, image, weight, weight_type="linear",
+                start_at=0.0, end_at=1.0, attn_mask=None) -> io.NodeOutput:
+        check_fit(ipadapter.file, cross_attention_layers(model)[0])  # before encoding: the cheaper mismatch
+        cond, uncond = encode_reference(ipadapter, clip_vision, image)
+        spec = adapter_spec(model, ipadapter, cond, uncond, weight, weight_type, start_at, end_at, attn_mask=attn_mask)
+        return io.NodeOutput(patch_model(model, ipadapter.file, spec))
+
+
+class ImagePromptApplyAdvanced(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="ImagePromptApplyAdvanced",
+            display_name="Apply IP-Adapter (Advanced)",
+            category=CATEGORY,
+            description="Apply IP-Adapter with control over how several images combine, where the weight acts "
+                        "(embeds scaling), the unconditional image, and the composition blocks' own weight.",
             inputs=[
-                io.Model.Input("model", tooltip="The model to steer; it is cloned, never modified."),
-                Adapter.Input("ipadapter", tooltip="From Load IP-Adapter."),
-                io.ClipVision.Input("clip_vision", tooltip="The CLIP vision encoder the adapter was trained with "
-                                                           "(the error names it if another is connected)."),
-                io.Image.Input("image", tooltip="The reference image; several images are used together."),
-                io.Float.Input("weight", default=1.0, min=-1.0, max=5.0, step=0.05,
-                               tooltip="Scale of the image attention; 0 leaves the model unchanged."),
+                *_common_inputs(),
+                io.Combo.Input("combine_embeds", options=list(COMBINE_MODES), default="concat",
+                               tooltip="Several reference images: concat keeps all (more tokens); the others merge "
+                                       "their embeddings into one (subtract: first minus the rest)."),
+                io.Combo.Input("embeds_scaling", options=list(KV_SCALINGS), default="V only",
+                               tooltip="Where the weight acts: the attention output (V only), keys and values, or "
+                                       "with the C penalty that damps shallow layers (lets weights above 1 work)."),
+                io.Float.Input("composition_weight", default=1.0, min=-1.0, max=5.0, step=0.05,
+                               tooltip="Weight of the layout blocks for the style-and-composition and precise types."),
+                io.Image.Input("image_negative", optional=True,
+                               tooltip="An image whose look to steer away from (replaces the neutral uncond image)."),
+                _MASK_INPUT,
             ],
             outputs=[io.Model.Output()],
         )
 
     @classmethod
-    def execute(cls, model, ipadapter: LoadedAdapter, clip_vision, image: torch.Tensor, weight: float) -> io.NodeOutput:
-        cond, uncond = encode_reference(ipadapter, clip_vision, image)
-        file = ipadapter.file
-        ids = range(1, 2 * len(file.layer_widths), 2)
-        spec = AdapterSpec(cond, uncond, tuple(file.ip_adapter[f"{i}.to_k_ip.weight"] for i in ids),
-                           tuple(file.ip_adapter[f"{i}.to_v_ip.weight"] for i in ids),
-                           (weight,) * len(file.layer_widths))
-        return io.NodeOutput(patch_model(model, file, spec))
+    def execute(cls, model, ipadapter: LoadedAdapter, clip_vision, image, weight, weight_type, start_at, end_at,
+                combine_embeds, embeds_scaling, composition_weight, image_negative=None,
+                attn_mask=None) -> io.NodeOutput:
+        check_fit(ipadapter.file, cross_attention_layers(model)[0])
+        cond, uncond = encode_reference(ipadapter, clip_vision, image, combine_embeds, image_negative)
+        spec = adapter_spec(model, ipadapter, cond, uncond, weight, weight_type, start_at, end_at, embeds_scaling,
+                            attn_mask, composition_weight)
+        return io.NodeOutput(patch_model(model, ipadapter.file, spec))
 
 
-NODES = [ImagePromptAdapterLoader, ImagePromptApply]
+NODES = [ImagePromptAdapterLoader, ImagePromptApply, ImagePromptApplyAdvanced]

@@ -8,6 +8,8 @@ image tokens, every other conditioning (negative, DualCFGGuider's middle, ...) t
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import comfy.patcher_extension
 from comfy.ldm.modules.attention import optimized_attention
 
@@ -22,27 +24,35 @@ class AdapterModelMismatch(ValueError):
     """An adapter whose cross-attention layers do not fit the model's."""
 
 
-def cross_attention_layers(model_patcher) -> list[tuple[LayerKey, int, int]]:
-    """(host key, width C, context width D) of every cross-attention layer, in adapter-file order."""
+@dataclass(frozen=True)
+class Layer:
+    key: LayerKey          # the host's (block, id, depth index) of this cross-attention
+    width: int             # C: the attention's inner width
+    context_dim: int       # D: the width of what it attends to
+    transformer_index: int  # its attention block, counted in execution order (input, middle, output)
+
+
+def cross_attention_layers(model_patcher) -> tuple[list[Layer], int]:
+    """Every cross-attention layer in adapter-file order (input, output, then middle blocks), and the
+    number of attention blocks (spatial transformers) of the UNet."""
     unet = model_patcher.get_model_object("diffusion_model")
-    groups = [("input", enumerate(unet.input_blocks)), ("output", enumerate(unet.output_blocks))]
-    if unet.middle_block is not None:
-        groups.append(("middle", [(0, unet.middle_block)]))
-    layers = []
-    for block_name, blocks in groups:
-        for block_id, block in blocks:
-            for module in block.modules():
-                for depth, transformer in enumerate(getattr(module, "transformer_blocks", ())):
-                    attn2 = getattr(transformer, "attn2", None)
-                    if attn2 is not None:
-                        layers.append(((block_name, block_id, depth), attn2.to_k.out_features, attn2.to_k.in_features))
-    return layers
+    blocks = {"input": list(enumerate(unet.input_blocks)), "output": list(enumerate(unet.output_blocks)),
+              "middle": [(0, unet.middle_block)] if unet.middle_block is not None else []}
+    found = {}  # block name -> [(block id, depth, attn2, transformer module)]
+    for name, entries in blocks.items():
+        found[name] = [(block_id, depth, t.attn2, module) for block_id, block in entries for module in block.modules()
+                       for depth, t in enumerate(getattr(module, "transformer_blocks", ())) if t.attn2 is not None]
+    execution = [m for name in ("input", "middle", "output") for *_, m in found[name]]
+    index = {id(m): i for i, m in enumerate(dict.fromkeys(execution))}
+    layers = [Layer((name, block_id, depth), attn2.to_k.out_features, attn2.to_k.in_features, index[id(module)])
+              for name in ("input", "output", "middle") for block_id, depth, attn2, module in found[name]]
+    return layers, len(index)
 
 
-def check_fit(adapter: AdapterFile, layers: list[tuple[LayerKey, int, int]]) -> None:
+def check_fit(adapter: AdapterFile, layers: list[Layer]) -> None:
     """Raise AdapterModelMismatch, naming both sides, unless every adapter layer fits the model's."""
-    context_dims = {d for _, _, d in layers}
-    model_widths = tuple(c for _, c, _ in layers)
+    context_dims = {layer.context_dim for layer in layers}
+    model_widths = tuple(layer.width for layer in layers)
     v = adapter.variant
     if context_dims != {v.context_dim} or model_widths != adapter.layer_widths:
         model_kind = {768: "SD1.5", 2048: "SDXL"}.get(next(iter(context_dims), 0), "another")
@@ -72,16 +82,16 @@ def _tag_uncond_conds(executor, *args, **kwargs):
 
 def patch_model(model_patcher, adapter: AdapterFile, spec: AdapterSpec):
     """A clone of ``model_patcher`` with ``spec`` added to its decoupled cross-attention (the input is untouched)."""
-    layers = cross_attention_layers(model_patcher)
+    layers, _ = cross_attention_layers(model_patcher)
     check_fit(adapter, layers)
     patched = model_patcher.clone()
     replaces = patched.model_options["transformer_options"].get("patches_replace", {}).get("attn2", {})
-    previous = replaces.get(layers[0][0])
+    previous = replaces.get(layers[0].key)
     adapters = (previous.adapters if isinstance(previous, DecoupledCrossAttention) else ()) + (spec,)
-    patch = DecoupledCrossAttention(optimized_attention, {key: i for i, (key, _, _) in enumerate(layers)},
+    patch = DecoupledCrossAttention(optimized_attention, {layer.key: i for i, layer in enumerate(layers)},
                                     adapters, uncond_chunks)
-    for (block_name, block_id, depth), _, _ in layers:
-        patched.set_model_attn2_replace(patch, block_name, block_id, depth)
+    for layer in layers:
+        patched.set_model_attn2_replace(patch, *layer.key)
     if not patched.get_wrappers(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY):
         patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, _tag_uncond_conds)
     return patched

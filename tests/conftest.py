@@ -40,9 +40,20 @@ def need_models(host):
 @pytest.fixture(scope="session")
 def server(tmp_path_factory, need_models):
     """A headless ComfyUI server with this pack and the light factory models."""
-    models = need_models(*factory.LIGHT_SET)
-    with comfy_host.HostServer(tmp_path_factory.mktemp("server-base"), models_dir=models) as srv:
+    from tools.run_example import copy_example_images
+    srv = comfy_host.HostServer(tmp_path_factory.mktemp("server-base"), models_dir=need_models(*factory.LIGHT_SET))
+    copy_example_images(srv.base_dir / "input")
+    with srv:
         yield srv
+
+
+@pytest.fixture(autouse=True)
+def _build_marked_models(request):
+    """``@pytest.mark.models(NAME, ...)``: build those factory files before the test (and before an
+    isolated test's own process starts its host)."""
+    names = [name for marker in request.node.iter_markers("models") for name in marker.args]
+    if names:
+        request.getfixturevalue("need_models")(*names)
 
 
 ISOLATED = "IMAGE_PROMPT_TEST_ISOLATED"

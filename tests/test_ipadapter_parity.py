@@ -78,18 +78,32 @@ class Setup:
                                           tuple(adapter.ip_adapter[f"{i}.to_v_ip.weight"].float() for i in ids),
                                           (weight,) * len(adapter.layer_widths))
 
-    def run_host(self, model, x, t, context, cond_or_uncond):
-        options = dict(model.model_options["transformer_options"], cond_or_uncond=cond_or_uncond)
+    def node_spec(self, adapter, cond_embeds, uncond_embeds, weight, **options):
+        """The spec the Apply nodes build (weight types, sigma range, mask, embeds scaling)."""
+        nodes = pack_module(self.host, "nodes.ipadapter_nodes")
+        loaded = nodes.LoadedAdapter(adapter, self.projection.build_projection(adapter.variant, adapter.image_proj))
+        with torch.no_grad():
+            cond, uncond = loaded.projection(cond_embeds), loaded.projection(uncond_embeds)
+        width = cond.shape[-1]
+        return nodes.adapter_spec(self.model, loaded, cond.reshape(1, -1, width), uncond.reshape(1, -1, width),
+                                  weight, **options)
+
+    def run_host(self, model, x, t, context, cond_or_uncond, sigma=1.0):
+        options = dict(model.model_options["transformer_options"], cond_or_uncond=cond_or_uncond,
+                       sigmas=torch.tensor([sigma]))
         with torch.no_grad():
             return model.model.diffusion_model(x, timesteps=t, context=context, transformer_options=options)
 
-    def run_diffusers(self, state_dicts, weights, image_embeds, x, t, context):
+    def run_diffusers(self, state_dicts, weights, image_embeds, x, t, context, layer_scales=None, masks=None):
+        """diffusers' UNet with its IP-Adapter processors; ``layer_scales[i]`` overrides the scale of
+        the i-th cross-attention processor (diffusers' own per-layer scale, as InstantStyle sets it)."""
         self.twin._load_ip_adapter_weights(state_dicts)
-        for processor in self.twin.attn_processors.values():
-            if hasattr(processor, "scale"):
-                processor.scale = list(weights)
+        cross = [p for p in self.twin.attn_processors.values() if hasattr(p, "scale")]
+        for i, processor in enumerate(cross):
+            processor.scale = [layer_scales[i]] if layer_scales is not None else list(weights)
+        kwargs = {"ip_adapter_masks": masks} if masks is not None else None
         with torch.no_grad():
-            return self.twin(x, t, encoder_hidden_states=context,
+            return self.twin(x, t, encoder_hidden_states=context, cross_attention_kwargs=kwargs,
                              added_cond_kwargs={"image_embeds": image_embeds}).sample
 
 
@@ -163,19 +177,85 @@ def test_weight_zero_is_bit_identical_and_the_input_model_is_untouched(tiny, tmp
     assert torch.equal(tiny.run_host(tiny.model, x, t, context, cond_or_uncond=[1, 0]), before)
 
 
+# The tiny UNet's cross-attention layers in file order (input 1, output 0, output 1, middle) sit in attention
+# blocks 0, 2, 3 and 1 of its 4 (execution order: input, middle, output).
+TINY_BLOCKS = (0, 2, 3, 1)
+
+
+def test_per_layer_weights_match_diffusers_per_layer_scales(tiny, tmp_path):
+    x, t, context, g = inputs(6)
+    adapter, state = tiny.adapter("ip-adapter-plus_sd15", 61, tmp_path)
+    cond, uncond = embeds_for(adapter.variant, g), embeds_for(adapter.variant, g)
+    spec = tiny.node_spec(adapter, cond, uncond, 1.5, weight_type="ease in")
+    ours = tiny.run_host(tiny.patch.patch_model(tiny.model, adapter, spec), x, t, context, [1, 0])
+    expected = [1.5 * (0.05 + 0.95 * (1 - b / 4)) for b in TINY_BLOCKS]  # ease in over 4 attention blocks
+    assert list(spec.layer_weights) == pytest.approx(expected)
+    theirs = tiny.run_diffusers([state], None, [_diffusers_embeds(adapter.variant, uncond, cond)], x, t, context,
+                                layer_scales=expected)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-4)
+
+
+def test_attention_mask_matches_diffusers_masks(tiny, tmp_path):
+    x, t, context, g = inputs(7)
+    adapter, state = tiny.adapter("ip-adapter_sd15", 71, tmp_path)
+    cond, uncond = embeds_for(adapter.variant, g), embeds_for(adapter.variant, g)
+    mask = torch.zeros(1, 8, 8)
+    mask[:, :, :4] = 1.0
+    spec = tiny.node_spec(adapter, cond, uncond, 1.0, attn_mask=mask)
+    ours = tiny.run_host(tiny.patch.patch_model(tiny.model, adapter, spec), x, t, context, [1, 0])
+    unmasked = tiny.run_host(tiny.patch.patch_model(tiny.model, adapter, tiny.spec(adapter, cond, uncond, 1.0)),
+                             x, t, context, [1, 0])
+    theirs = tiny.run_diffusers([state], [1.0], [_diffusers_embeds(adapter.variant, uncond, cond)], x, t, context,
+                                masks=[mask[None]])
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-4)
+    assert (ours - unmasked).abs().max() > 1e-3
+
+
+def test_start_and_end_gate_the_adapter_by_sigma(tiny, tmp_path):
+    x, t, context, g = inputs(8)
+    adapter, _ = tiny.adapter("ip-adapter_sd15", 81, tmp_path)
+    cond, uncond = embeds_for(adapter.variant, g), embeds_for(adapter.variant, g)
+    gated = tiny.patch.patch_model(tiny.model, adapter, tiny.node_spec(adapter, cond, uncond, 1.0, start_at=0.5))
+    always = tiny.patch.patch_model(tiny.model, adapter, tiny.spec(adapter, cond, uncond, 1.0))
+    sampling = tiny.model.get_model_object("model_sampling")
+    early, late = float(sampling.sigma_max), float(sampling.sigma_min)
+    plain = tiny.run_host(tiny.model, x, t, context, [1, 0], sigma=early)
+    assert torch.equal(tiny.run_host(gated, x, t, context, [1, 0], sigma=early), plain)
+    torch.testing.assert_close(tiny.run_host(gated, x, t, context, [1, 0], sigma=late),
+                               tiny.run_host(always, x, t, context, [1, 0], sigma=late), rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match=r"start_at \(0.7\) must be below end_at \(0.2\)"):
+        tiny.node_spec(adapter, cond, uncond, 1.0, start_at=0.7, end_at=0.2)
+
+
+def test_embeds_scaling_modes_follow_their_definitions(tiny, tmp_path):
+    """At C = 320 the C penalty is 320/1280, so weight 4 with a penalty mode is weight 1 on K and V."""
+    x, t, context, g = inputs(9)
+    adapter, _ = tiny.adapter("ip-adapter-plus_sd15", 91, tmp_path)
+    cond, uncond = embeds_for(adapter.variant, g), embeds_for(adapter.variant, g)
+
+    def run(weight, scaling):
+        spec = tiny.node_spec(adapter, cond, uncond, weight, embeds_scaling=scaling)
+        return tiny.run_host(tiny.patch.patch_model(tiny.model, adapter, spec), x, t, context, [1, 0])
+    v_only = run(1.0, "V only")
+    torch.testing.assert_close(run(1.0, "K+V"), v_only, rtol=0, atol=1e-6)
+    torch.testing.assert_close(run(4.0, "K+V w/ C penalty"), v_only, rtol=0, atol=1e-6)
+    torch.testing.assert_close(run(4.0, "K+mean(V) w/ C penalty"), v_only, rtol=0, atol=1e-6)
+    assert (run(2.0, "K+V") - run(2.0, "V only")).abs().max() > 1e-4  # scaling K changes the softmax
+
+
 def test_sdxl_adapter_on_sd15_model_names_both(tiny, need_models):
     models = need_models("ipadapter/ip-adapter_sdxl.bin")
     adapter = tiny.loader.load_adapter(models / "ipadapter/ip-adapter_sdxl.bin")
     with pytest.raises(ValueError, match=r"ip-adapter_sdxl.bin is a SDXL IP-Adapter \(70 cross-attention layers, "
                                          r"context width 2048\) but the model is an SD1.5 UNet \(4 cross-attention"):
-        tiny.patch.check_fit(adapter, tiny.patch.cross_attention_layers(tiny.model))
+        tiny.patch.check_fit(adapter, tiny.patch.cross_attention_layers(tiny.model)[0])
 
 
 @pytest.mark.heavy
+@pytest.mark.models("checkpoints/sd15_layout.ckpt")
 @pytest.mark.parametrize("stem", ["ip-adapter_sd15", "ip-adapter-plus_sd15"])
-def test_real_sd15_layout_matches_diffusers(host, need_models, tmp_path, stem):
+def test_real_sd15_layout_matches_diffusers(host, tmp_path, stem):
     """The real 16-layer file layout on the full SD1.5 topology: ids 1-29 input/output, 31 the middle block."""
-    need_models("checkpoints/sd15_layout.ckpt")
     full = Setup(host, "sd15_layout.ckpt", SD15_DIFFUSERS, None)
     x, t, context, g = inputs(5)
     adapter, state = full.adapter(stem, 51, tmp_path)

@@ -245,6 +245,9 @@ def import_host(base_dir: Path | None = None, models_dir: Path | None = None, lo
         args.base_directory = str(base)
         args.database_url = "sqlite:///:memory:"
         args.use_pytorch_cross_attention = pytorch_attention
+        # main.py imports the host's top-level ``utils`` package first; without that, a host module that
+        # puts comfy/ on sys.path makes ``utils`` resolve to comfy/utils.py and nodes_images fails to import.
+        import utils.extra_config  # noqa: F401
         import folder_paths  # noqa: F401  (reads args.base_directory at import)
         import comfy.model_management  # noqa: F401  (reads args.cpu at import)
         _configured_base = base

@@ -4,27 +4,32 @@
     python -m tools.run_example --models ~/ComfyUI/models   # your own models folder
     python -m tools.run_example --workflow workflows/api/OTHER.json
 
-With the built-in models, the real file names in the workflow (e.g. v1-5-pruned-emaonly.safetensors)
-are mapped to the factory models that stand in for them; their images are noise by design.
+The default workflow steers SD1.5 with a reference image (IP-Adapter Plus) and its Canny edges
+(ControlNet). With the built-in models, the real file names in the workflow (v1-5-pruned-emaonly.safetensors,
+ip-adapter-plus_sd15.safetensors, ...) are mapped to the factory models that stand in for them; their
+images are noise by design. With --models, your folder must hold those files.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
 
 from . import comfy_host, factory
 
-DEFAULT_WORKFLOW = comfy_host.REPO_ROOT / "workflows" / "api" / "sd15_text_to_image.json"
+WORKFLOWS = comfy_host.REPO_ROOT / "workflows"
+DEFAULT_WORKFLOW = WORKFLOWS / "api" / "sd15_ipadapter_controlnet.json"
+EXAMPLE_IMAGES = WORKFLOWS / "images"
 
-# Loader inputs that name a model file, and the host models folder each one lists.
+# Loader nodes, the input that names a model file, and the host models folder it lists.
 MODEL_INPUTS = {
-    "ckpt_name": "checkpoints",
-    "control_net_name": "controlnet",
-    "clip_name": "clip_vision",
-    "ipadapter_file": "ipadapter",
+    "CheckpointLoaderSimple": ("ckpt_name", "checkpoints"),
+    "ControlNetLoader": ("control_net_name", "controlnet"),
+    "CLIPVisionLoader": ("clip_name", "clip_vision"),
+    "ImagePromptAdapterLoader": ("ipadapter_file", "ipadapter"),
 }
 
 
@@ -35,17 +40,23 @@ def map_to_stand_ins(prompt: dict) -> tuple[dict, set[str]]:
     mapped = json.loads(json.dumps(prompt))
     needed = set()
     for node_id, node in mapped.items():
-        for key, value in node.get("inputs", {}).items():
-            folder = MODEL_INPUTS.get(key)
-            if folder is None or not isinstance(value, str):
-                continue
-            stand_in = factory.stand_in(folder, value)
-            if stand_in is None:
-                raise KeyError(f"node {node_id} ({node['class_type']}): no built-in model stands in for "
-                               f"{folder}/{value}; run with --models DIR to use your own files")
-            node["inputs"][key] = stand_in
-            needed.add(f"{folder}/{stand_in}")
+        key, folder = MODEL_INPUTS.get(node["class_type"], (None, None))
+        value = node.get("inputs", {}).get(key)
+        if not isinstance(value, str):
+            continue
+        stand_in = factory.stand_in(folder, value)
+        if stand_in is None:
+            raise KeyError(f"node {node_id} ({node['class_type']}): no built-in model stands in for "
+                           f"{folder}/{value}; run with --models DIR to use your own files")
+        node["inputs"][key] = stand_in
+        needed.add(f"{folder}/{stand_in}")
     return mapped, needed
+
+
+def copy_example_images(input_dir: Path) -> None:
+    """Put the example workflows' input images where LoadImage finds them."""
+    for image in EXAMPLE_IMAGES.iterdir():
+        shutil.copyfile(image, input_dir / image.name)
 
 
 def run(workflow: Path, models: Path | None, base_dir: Path) -> list[Path]:
@@ -53,7 +64,9 @@ def run(workflow: Path, models: Path | None, base_dir: Path) -> list[Path]:
     if models is None:
         prompt, needed = map_to_stand_ins(prompt)
         models = factory.ensure(*sorted(needed))
-    with comfy_host.HostServer(base_dir, models_dir=models) as server:
+    server = comfy_host.HostServer(base_dir, models_dir=models)
+    copy_example_images(server.base_dir / "input")
+    with server:
         started = time.monotonic()
         entry = server.run_prompt(prompt)
         files = server.output_files(entry)

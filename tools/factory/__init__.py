@@ -65,7 +65,7 @@ def _catalogue() -> dict[str, FactoryModel]:
 TINY_SD15_WIDTHS = (320, 320, 320, 320)
 CATALOGUE = _catalogue()
 LIGHT_SET = ("checkpoints/tiny_sd15.ckpt", "checkpoints/tiny_sd15_ip2p.ckpt", "controlnet/tiny_sd15_controlnet.pth",
-             "clip_vision/CLIP-ViT-H-14-laion2B-s32B-b79K.pt")
+             "clip_vision/CLIP-ViT-H-14-laion2B-s32B-b79K.pt", "ipadapter/tiny_ip-adapter-plus_sd15.bin")
 
 
 def factory_key() -> str:

@@ -16,7 +16,7 @@ _SPATIAL = dict(image_size=32, out_channels=4, use_spatial_transformer=True, leg
 # The real SD1.5 UNet: 4 levels, 16 cross-attention layers (input 1,2,4,5,7,8; middle; output 3..11).
 SD15_UNET = dict(_SPATIAL, in_channels=4, model_channels=320, num_res_blocks=[2, 2, 2, 2], channel_mult=[1, 2, 4, 4],
                  transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0], transformer_depth_middle=1,
-                 transformer_depth_output=[0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1],
+                 transformer_depth_output=[1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],  # consumed from the end: output 0-2 none
                  use_linear_in_transformer=False, context_dim=768, num_heads=8, adm_in_channels=None)
 
 # The smallest UNet the host detects as SD1.5: one level, cross-attention in input 1, middle, output 0 and 1.

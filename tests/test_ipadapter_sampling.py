@@ -1,0 +1,108 @@
+"""The IP-Adapter nodes inside the host's samplers: cond/uncond image tokens by conditioning, under every guider."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.host
+
+ADAPTER = "tiny_ip-adapter-plus_sd15.bin"
+FILES = ("checkpoints/tiny_sd15.ckpt", f"ipadapter/{ADAPTER}", "clip_vision/CLIP-ViT-H-14-laion2B-s32B-b79K.pt")
+
+
+def run_node(host, node_id, **inputs):
+    return host.NODE_CLASS_MAPPINGS[node_id].execute(**inputs).result
+
+
+@pytest.fixture(scope="module")
+def patched(host, need_models):
+    """(patched model, clip) with the node path a user takes: load adapter and CLIP vision, apply."""
+    need_models(*FILES)
+    model, clip, _ = host.CheckpointLoaderSimple().load_checkpoint("tiny_sd15.ckpt")
+    (clip_vision,) = host.CLIPVisionLoader().load_clip("CLIP-ViT-H-14-laion2B-s32B-b79K.pt")
+    (adapter,) = run_node(host, "ImagePromptAdapterLoader", ipadapter_file=ADAPTER)
+    image = torch.rand(1, 96, 128, 3, generator=torch.Generator().manual_seed(0))
+    (result,) = run_node(host, "ImagePromptApply", model=model, ipadapter=adapter, clip_vision=clip_vision,
+                         image=image, weight=1.0)
+    return result, clip
+
+
+def record_chunks(model):
+    """Wrap the patch's chunk classifier; returns the list it appends (cond_or_uncond, uncond flags) to."""
+    patch = next(iter(model.model_options["transformer_options"]["patches_replace"]["attn2"].values()))
+    calls, classify = [], patch.uncond_chunks
+
+    def recording(options):
+        flags = classify(options)
+        calls.append((tuple(options["cond_or_uncond"]), flags))
+        return flags
+    patch.uncond_chunks = recording
+    return calls, lambda: setattr(patch, "uncond_chunks", classify)
+
+
+def encode(host, clip, text):
+    return host.CLIPTextEncode().encode(clip, text)[0]
+
+
+def sample_with(guider, steps=2):
+    import comfy.samplers
+    sigmas = guider.model_patcher.get_model_object("model_sampling").sigma_max.reshape(1) * torch.tensor([1.0, 0.5, 0.0])
+    noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    return guider.sample(noise, torch.zeros(1, 4, 8, 8), comfy.samplers.sampler_object("euler"), sigmas[: steps + 1],
+                         seed=1)
+
+
+def test_cfg_guider_gives_the_negative_chunk_the_uncond_tokens(host, patched):
+    import comfy.samplers
+    model, clip = patched
+    guider = comfy.samplers.CFGGuider(model)
+    guider.set_conds(encode(host, clip, "a house"), encode(host, clip, "blurry"))
+    guider.set_cfg(5.0)
+    calls, restore = record_chunks(model)
+    try:
+        out = sample_with(guider)
+    finally:
+        restore()
+    assert torch.isfinite(out).all() and calls
+    for order, flags in calls:  # conds list of CFGGuider: 0 = positive, 1 = negative
+        assert flags == tuple(index == 1 for index in order)
+
+
+def test_dual_cfg_guider_gives_only_the_positive_chunk_the_cond_tokens(host, patched):
+    from comfy_extras.nodes_custom_sampler import Guider_DualCFG
+    model, clip = patched
+    guider = Guider_DualCFG(model)
+    guider.set_conds(encode(host, clip, "a house"), encode(host, clip, "a building"), encode(host, clip, "blurry"))
+    guider.set_cfg(5.0, 1.5)
+    calls, restore = record_chunks(model)
+    try:
+        out = sample_with(guider)
+    finally:
+        restore()
+    assert torch.isfinite(out).all()
+    assert {len(order) for order, _ in calls} == {3}
+    for order, flags in calls:  # conds list of DualCFGGuider: 0 = negative, 1 = middle, 2 = positive
+        assert flags == tuple(index != 2 for index in order)
+
+
+def test_ksampler_with_the_patched_model_changes_the_result_and_leaves_the_input_model_alone(host, patched, need_models):
+    model, clip = patched
+    plain = host.CheckpointLoaderSimple().load_checkpoint("tiny_sd15.ckpt")[0]
+    positive, negative = encode(host, clip, "a house"), encode(host, clip, "blurry")
+    latent = {"samples": torch.zeros(1, 4, 8, 8)}
+    before = host.KSampler().sample(plain, 3, 2, 5.0, "euler", "normal", positive, negative, latent)[0]["samples"]
+    steered = host.KSampler().sample(model, 3, 2, 5.0, "euler", "normal", positive, negative, latent)[0]["samples"]
+    after = host.KSampler().sample(plain, 3, 2, 5.0, "euler", "normal", positive, negative, latent)[0]["samples"]
+    assert not torch.equal(before, steered)
+    assert torch.equal(before, after)
+
+
+def test_wrong_clip_vision_is_named_before_sampling(host, patched, need_models):
+    need_models("clip_vision/clip-vit-large-patch14-336.pt")
+    model, _ = patched
+    (adapter,) = run_node(host, "ImagePromptAdapterLoader", ipadapter_file=ADAPTER)
+    (wrong,) = host.CLIPVisionLoader().load_clip("clip-vit-large-patch14-336.pt")
+    with pytest.raises(ValueError, match=r"needs the CLIP vision ViT-H-14 \(CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors, "
+                                         r"hidden width 1280\); the connected CLIP vision is ViT-L-14-336"):
+        run_node(host, "ImagePromptApply", model=model, ipadapter=adapter, clip_vision=wrong,
+                 image=torch.rand(1, 64, 64, 3), weight=1.0)
