@@ -63,14 +63,18 @@ def test_controlnet_loads_and_steers_the_tiny_unet(host, need_models):
     assert not torch.equal(plain["samples"], steered["samples"])
 
 
+def _vision(file_name, *expected, heavy=False):
+    marks = [pytest.mark.models(f"clip_vision/{file_name}")] + ([pytest.mark.heavy] if heavy else [])
+    return pytest.param(file_name, *expected, marks=marks, id=file_name)
+
+
 @pytest.mark.isolated
 @pytest.mark.parametrize("file_name, embeds, hidden", [
-    ("CLIP-ViT-H-14-laion2B-s32B-b79K.pt", 1024, (257, 1280)),
-    ("clip-vit-large-patch14-336.pt", 768, (577, 1024)),
-    pytest.param("CLIP-ViT-bigG-14-laion2B-39B-b160k.pt", 1280, (257, 1664), marks=pytest.mark.heavy),
+    _vision("CLIP-ViT-H-14-laion2B-s32B-b79K.pt", 1024, (257, 1280)),
+    _vision("clip-vit-large-patch14-336.pt", 768, (577, 1024)),
+    _vision("CLIP-ViT-bigG-14-laion2B-39B-b160k.pt", 1280, (257, 1664), heavy=True),
 ])
-def test_clip_vision_loads_and_encodes(host, need_models, file_name, embeds, hidden):
-    need_models(f"clip_vision/{file_name}")
+def test_clip_vision_loads_and_encodes(host, file_name, embeds, hidden):
     (clip_vision,) = host.CLIPVisionLoader().load_clip(file_name)
     (output,) = host.CLIPVisionEncode().encode(clip_vision, torch.rand(1, 300, 200, 3), "center")
     assert output.image_embeds.shape == (1, embeds)
@@ -79,8 +83,8 @@ def test_clip_vision_loads_and_encodes(host, need_models, file_name, embeds, hid
 
 
 @pytest.mark.heavy
-def test_full_sd15_layout_has_the_real_16_cross_attention_layers(host, need_models):
-    need_models("checkpoints/sd15_layout.ckpt")
+@pytest.mark.models("checkpoints/sd15_layout.ckpt")
+def test_full_sd15_layout_has_the_real_16_cross_attention_layers(host):
     model, clip, vae = load_checkpoint(host, "sd15_layout.ckpt")
     assert type(model.model.model_config).__name__ == "SD15"
     expected = ([("input", i, 0) for i in (1, 2, 4, 5, 7, 8)] + [("middle", 0, 0)]
@@ -91,8 +95,8 @@ def test_full_sd15_layout_has_the_real_16_cross_attention_layers(host, need_mode
 
 
 @pytest.mark.heavy
-def test_full_sdxl_layout_has_the_real_70_cross_attention_layers(host, need_models):
-    need_models("checkpoints/sdxl_layout.ckpt")
+@pytest.mark.models("checkpoints/sdxl_layout.ckpt")
+def test_full_sdxl_layout_has_the_real_70_cross_attention_layers(host):
     model, _, _ = load_checkpoint(host, "sdxl_layout.ckpt")
     assert type(model.model.model_config).__name__ == "SDXL"
     keys = attn2_keys(model)
