@@ -122,7 +122,10 @@ class DecoupledCrossAttention:
             if adapter.mask is not None:
                 term = term * self._mask(index, adapter, q.shape[1], tuple(options["original_shape"][-2:]),
                                          q.device, q.dtype)
-            out = out + term * scale
+            if isinstance(scale, float):
+                out = out.add_(term, alpha=scale)  # one kernel; ``out`` is this call's own tensor
+            else:
+                out = out + term * scale
         return out
 
     def _mask(self, index, adapter, tokens, latent_hw, device, dtype):

@@ -70,8 +70,11 @@ def _run_isolated(item) -> None:
 
 
 def pytest_collection_modifyitems(items):
+    """Tests in their own process run first, while this process is still small: its host keeps what
+    it loaded, and the two together must fit the machine."""
     if os.environ.get(ISOLATED):
         return
-    for item in items:
-        if item.get_closest_marker("heavy") or item.get_closest_marker("isolated"):
-            item.runtest = functools.partial(_run_isolated, item)
+    own_process = [item for item in items if item.get_closest_marker("heavy") or item.get_closest_marker("isolated")]
+    for item in own_process:
+        item.runtest = functools.partial(_run_isolated, item)
+    items[:] = own_process + [item for item in items if item not in own_process]

@@ -6,13 +6,11 @@ adapter file through diffusers' own IP-Adapter loader (``_load_ip_adapter_weight
 """
 from __future__ import annotations
 
-import importlib
-import sys
-
 import pytest
 import torch
 
 from tools import factory
+from tools.comfy_host import pack_module
 from tools.factory.ipadapters import BY_STEM, adapter_state_dict
 
 pytestmark = pytest.mark.host
@@ -22,12 +20,6 @@ TINY_DIFFUSERS = dict(sample_size=8, in_channels=4, out_channels=4, down_block_t
                       cross_attention_dim=768, attention_head_dim=8)
 SD15_DIFFUSERS = dict(sample_size=64, in_channels=4, out_channels=4, cross_attention_dim=768, attention_head_dim=8,
                       block_out_channels=(320, 640, 1280, 1280), layers_per_block=2)
-
-
-def pack_module(host, name: str):
-    """A module of this pack as the host loaded it (``name`` relative to the pack root)."""
-    package = sys.modules[host.NODE_CLASS_MAPPINGS["ImagePromptApply"].__module__].__package__.rsplit(".", 1)[0]
-    return importlib.import_module(f"{package}.{name}")
 
 
 def diffusers_twin(model, config: dict):
@@ -56,10 +48,10 @@ class Setup:
         self.model = host.CheckpointLoaderSimple().load_checkpoint(checkpoint)[0]
         self.twin = diffusers_twin(self.model, config)
         self.widths = widths
-        self.loader = pack_module(host, "ipadapter_core.loader")
-        self.projection = pack_module(host, "ipadapter_core.projection")
-        self.attention = pack_module(host, "ipadapter_core.attention")
-        self.patch = pack_module(host, "nodes.ipadapter_patch")
+        self.loader = pack_module("ipadapter_core.loader")
+        self.projection = pack_module("ipadapter_core.projection")
+        self.attention = pack_module("ipadapter_core.attention")
+        self.patch = pack_module("nodes.ipadapter_patch")
 
     def adapter(self, stem: str, seed: int, tmp_path):
         """(our AdapterFile, its fp32 grouped state dict) for a factory layout over this UNet's widths."""
@@ -80,7 +72,7 @@ class Setup:
 
     def node_spec(self, adapter, cond_embeds, uncond_embeds, weight, **options):
         """The spec the Apply nodes build (weight types, sigma range, mask, embeds scaling)."""
-        nodes = pack_module(self.host, "nodes.ipadapter_nodes")
+        nodes = pack_module("nodes.ipadapter_nodes")
         loaded = nodes.LoadedAdapter(adapter, self.projection.build_projection(adapter.variant, adapter.image_proj))
         with torch.no_grad():
             cond, uncond = loaded.projection(cond_embeds), loaded.projection(uncond_embeds)

@@ -260,6 +260,16 @@ def import_host(base_dir: Path | None = None, models_dir: Path | None = None, lo
     return nodes
 
 
+def pack_module(name: str):
+    """A module of this pack as the in-process host loaded it (``name`` relative to the pack root,
+    e.g. "nodes.ipadapter_patch"), so that its classes are the ones the host's nodes use."""
+    import importlib
+
+    import nodes
+    node_module = sys.modules[nodes.NODE_CLASS_MAPPINGS["ImagePromptAdapterLoader"].__module__]
+    return importlib.import_module(f"{node_module.__package__.rsplit('.', 1)[0]}.{name}")
+
+
 def in_process_base() -> Path | None:
     """The base directory of the in-process host, once configured."""
     return _configured_base
