@@ -83,6 +83,7 @@ def _check_image(name: str, image: torch.Tensor | None) -> None:
         raise ValueError(f"{name}: expected an IMAGE batch [B, H, W, 3], got shape {tuple(image.shape)}")
 
 
+@torch.no_grad()
 def encode_reference(adapter: LoadedAdapter, clip_vision, image: torch.Tensor, combine: str = "concat",
                      negative: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Cond and uncond image tokens [1, T', D] for a batch of n reference images: T' = n·T with
@@ -103,9 +104,8 @@ def encode_reference(adapter: LoadedAdapter, clip_vision, image: torch.Tensor, c
         neutral = torch.tensor(CLIP_MEAN).expand(1, *image.shape[1:3], 3)
         uncond = _clip_embeds(variant, clip_vision, neutral).expand_as(embeds)
     embeds, uncond = combine_embeds(embeds, combine), combine_embeds(uncond, combine)
-    with torch.no_grad():
-        cond_tokens = adapter.projection(embeds.float().cpu())
-        uncond_tokens = adapter.projection(uncond.float().cpu())
+    cond_tokens = adapter.projection(embeds.float().cpu())
+    uncond_tokens = adapter.projection(uncond.float().cpu())
     if not (torch.isfinite(cond_tokens).all() and torch.isfinite(uncond_tokens).all()):
         raise ValueError(f"image: the CLIP vision encoding of the reference gave NaN or inf image tokens for {name}")
     width = cond_tokens.shape[-1]

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
@@ -48,6 +49,14 @@ def server(tmp_path_factory, need_models):
 
 
 @pytest.fixture(autouse=True)
+def _no_autograd():
+    """The host runs every node without autograd; so do the tests (a graph kept alive by an output
+    holds every activation of the model that made it)."""
+    with torch.no_grad():
+        yield
+
+
+@pytest.fixture(autouse=True)
 def _build_marked_models(request):
     """``@pytest.mark.models(NAME, ...)``: build those factory files before the test (and before an
     isolated test's own process starts its host)."""
@@ -60,8 +69,8 @@ ISOLATED = "IMAGE_PROMPT_TEST_ISOLATED"
 
 
 def _run_isolated(item) -> None:
-    """Run one test in a fresh Python process: the host keeps large models' memory for the rest of
-    its life, and a full SDXL UNet or a bigG encoder costs 11-14 GB of the machine's 24."""
+    """Run one test in a fresh Python process: the host keeps what it loaded for the rest of its life,
+    and a full SDXL UNet alone is 10 GB in float32, of the machine's 24."""
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--no-header", item.nodeid]
     done = subprocess.run(cmd, cwd=REPO_ROOT, env={**os.environ, ISOLATED: "1"}, capture_output=True, text=True)
     if done.returncode != 0:
@@ -74,7 +83,7 @@ def pytest_collection_modifyitems(items):
     it loaded, and the two together must fit the machine."""
     if os.environ.get(ISOLATED):
         return
-    own_process = [item for item in items if item.get_closest_marker("heavy") or item.get_closest_marker("isolated")]
+    own_process = [item for item in items if item.get_closest_marker("heavy")]
     for item in own_process:
         item.runtest = functools.partial(_run_isolated, item)
     items[:] = own_process + [item for item in items if item not in own_process]

@@ -68,7 +68,6 @@ def _vision(file_name, *expected, heavy=False):
     return pytest.param(file_name, *expected, marks=marks, id=file_name)
 
 
-@pytest.mark.isolated
 @pytest.mark.parametrize("file_name, embeds, hidden", [
     _vision("CLIP-ViT-H-14-laion2B-s32B-b79K.pt", 1024, (257, 1280)),
     _vision("clip-vit-large-patch14-336.pt", 768, (577, 1024)),
