@@ -1,0 +1,221 @@
+"""Instruction-edit (InstructPix2Pix) nodes: the three conditionings, a two-scale guider, a one-node sampler.
+
+The image latent goes on the conditionings as the host's ``concat_latent_image`` (raw VAE mean, as
+VAE Encode gives it); the host's edit model classes then apply their own latent policy (identity for
+SD1.5 / SDXL InstructPix2Pix, the VAE scale for CosXL Edit), the same as ``instruct_edit.latent``.
+"""
+from __future__ import annotations
+
+import math
+
+import comfy.model_management
+import comfy.sample
+import comfy.samplers
+import comfy.utils
+import latent_preview
+import node_helpers
+import torch
+from comfy_api.latest import io
+
+from ..instruct_edit.guidance import SCHEDULES, EditGuidance, guide_denoised
+from ..instruct_edit.latent import RESOLUTION_POLICIES, apply_resolution_policy, null_image_latent
+
+CATEGORY = "instruct_edit"
+EDIT_CHANNELS = 8  # 4 noisy latent + 4 image latent
+OTHER_MODELS = {4: "a text-to-image model", 9: "an inpainting model (4 noisy + 1 mask + 4 image channels)"}
+COND_TIPS = {
+    "positive": "Instruction and input image: ε(T, I).",
+    "image_only": "Negative text and input image: ε(∅, I).",
+    "negative": "Negative text and a zero image: ε(∅, ∅).",
+}
+
+
+def check_edit_model(model) -> None:
+    """Raise ValueError, naming the input and what to load, unless the UNet takes 8 input channels."""
+    channels = model.model.model_config.unet_config.get("in_channels")
+    if channels != EDIT_CHANNELS:
+        kind = OTHER_MODELS.get(channels, "not an edit model")
+        raise ValueError(
+            f"model: the connected model's UNet takes {channels} input channels ({kind}), but an "
+            f"instruction-edit model takes {EDIT_CHANNELS}: the noisy latent and the input image's latent. Load an "
+            f"InstructPix2Pix checkpoint instead, e.g. instruct-pix2pix-00-22000.safetensors (SD1.5), "
+            f"cosxl_edit.safetensors or the sdxl-instructpix2pix-768 UNet (SDXL).")
+
+
+def edit_conditioning(positive, negative, image_latent: torch.Tensor):
+    """(text+image, null text+image, null text+zero image) conditionings and a zero LATENT for a full edit."""
+    with_image = {"concat_latent_image": image_latent}
+    return (node_helpers.conditioning_set_values(positive, with_image),
+            node_helpers.conditioning_set_values(negative, with_image),
+            node_helpers.conditioning_set_values(negative, {"concat_latent_image": null_image_latent(image_latent)}),
+            {"samples": torch.zeros_like(image_latent)})
+
+
+class EditGuider(comfy.samplers.CFGGuider):
+    """Three-way guidance over the conds "positive" ε(T,I), "image" ε(∅,I) and "negative" ε(∅,∅), all three
+    in one ``calc_cond_batch`` call (one batched UNet pass); the null branch is skipped where s_I is 1 (unless a
+    model patch sets the host's ``disable_cfg1_optimization``)."""
+
+    def __init__(self, model_patcher, guidance: EditGuidance):
+        super().__init__(model_patcher)
+        self.guidance = guidance
+
+    def set_conds(self, positive, image_only, negative):
+        # "negative" prompt type for the image-only cond too (SDXL refiner-style aesthetic score), as DualCFGGuider
+        image_only = node_helpers.conditioning_set_values(image_only, {"prompt_type": "negative"})
+        self.inner_set_conds({"positive": positive, "image": image_only, "negative": negative})
+
+    def predict_noise(self, x, timestep, model_options={}, seed=None):
+        sigmas = model_options.get("transformer_options", {}).get("sample_sigmas")
+        text_scale, image_scale = self.guidance.scales(float(timestep.flatten()[0]), sigmas)
+        skip_null = math.isclose(image_scale, 1.0) and not model_options.get("disable_cfg1_optimization", False)
+        null_cond = None if skip_null else self.conds.get("negative")
+        conds = [null_cond, self.conds.get("image"), self.conds.get("positive")]
+        null, image, text_image = comfy.samplers.calc_cond_batch(self.inner_model, conds, x, timestep, model_options)
+        return guide_denoised(x, timestep, None if null_cond is None else null, image, text_image,
+                              text_scale, image_scale, self.guidance.rescale)
+
+
+def _scale_input(name: str, default: float, tooltip: str) -> io.Float.Input:
+    return io.Float.Input(name, default=default, min=0.0, max=100.0, step=0.05, round=0.01, tooltip=tooltip)
+
+
+class InstructEditConditioning(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="InstructEditConditioning",
+            display_name="Instruct Edit Conditioning",
+            category=CATEGORY,
+            description="Puts the input image's latent on the conditionings of an instruction-edit model "
+                        "(InstructPix2Pix, CosXL Edit) and returns the three conditionings the Instruct Edit "
+                        "Guider needs, with an empty latent to sample a full edit from.",
+            inputs=[
+                io.Conditioning.Input("positive", tooltip="The instruction, e.g. 'make it winter'."),
+                io.Conditioning.Input("negative", tooltip="The null text: an empty prompt, or a negative prompt."),
+                io.Vae.Input("vae", optional=True, tooltip="Encodes the image; not needed when a latent is given."),
+                io.Image.Input("image", optional=True, tooltip="The image to edit. Connect this or latent."),
+                io.Latent.Input("latent", optional=True,
+                                tooltip="The image to edit, already encoded (VAE Encode). Connect this or image."),
+                io.Combo.Input("resolution", options=list(RESOLUTION_POLICIES), default=RESOLUTION_POLICIES[0],
+                               tooltip="How the image is sized before encoding: center-cropped to a multiple of "
+                                       "8 (as the host does), or scaled so its long side is about long_side with "
+                                       "sides in multiples of 64 (as the InstructPix2Pix code does)."),
+                io.Int.Input("long_side", default=512, min=64, max=4096, step=64,
+                             tooltip="Target long side in pixels for the 'long side to target' resolution."),
+            ],
+            outputs=[io.Conditioning.Output(display_name=name, tooltip=tip) for name, tip in COND_TIPS.items()]
+                    + [io.Latent.Output(display_name="latent", tooltip="Zeros of the image latent's size.")],
+        )
+
+    @classmethod
+    def execute(cls, positive, negative, vae=None, image=None, latent=None, resolution=RESOLUTION_POLICIES[0],
+                long_side=512) -> io.NodeOutput:
+        if (image is None) == (latent is None):
+            raise ValueError("image / latent: connect exactly one of them: an IMAGE to encode with the vae, "
+                             "or a LATENT that is already encoded (VAE Encode)")
+        if latent is not None:
+            image_latent = latent["samples"]
+        elif vae is None:
+            raise ValueError("vae: connect the edit model's VAE to encode the image (or give a latent instead)")
+        else:
+            image_latent = vae.encode(apply_resolution_policy(image[..., :3], resolution, long_side))
+        return io.NodeOutput(*edit_conditioning(positive, negative, image_latent))
+
+
+class InstructEditGuider(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="InstructEditGuider",
+            display_name="Instruct Edit Guider",
+            category=CATEGORY,
+            description="Guidance with a text scale and an image scale for SamplerCustomAdvanced: "
+                        "ε(∅,∅) + text_scale·[ε(T,I) − ε(∅,I)] + image_scale·[ε(∅,I) − ε(∅,∅)], all three "
+                        "predictions in one batched model call.",
+            inputs=[
+                io.Model.Input("model", tooltip="An instruction-edit model (8 UNet input channels)."),
+                *(io.Conditioning.Input(name, tooltip=f"From Instruct Edit Conditioning. {tip}")
+                  for name, tip in COND_TIPS.items()),
+                _scale_input("text_scale", 7.5, "How strongly the edit follows the instruction."),
+                _scale_input("image_scale", 1.5, "How closely the result keeps to the input image; 1 turns the "
+                                                 "image term off (plain CFG on the instruction)."),
+                io.Combo.Input("schedule", options=list(SCHEDULES), default="constant",
+                               tooltip="constant: the scales above at every step; linear: from the scales above "
+                                       "at the first step to the *_end scales at the last."),
+                _scale_input("text_scale_end", 7.5, "text_scale at the last step (linear schedule only)."),
+                _scale_input("image_scale_end", 1.5, "image_scale at the last step (linear schedule only)."),
+                io.Float.Input("image_guidance_start", default=0.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="Fraction of the sampling where the image term starts; before it, "
+                                       "plain CFG on the instruction, one model branch cheaper."),
+                io.Float.Input("image_guidance_end", default=1.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="Fraction of the sampling where the image term ends; after it, plain "
+                                       "CFG on the instruction."),
+                io.Float.Input("rescale", default=0.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="CFG rescale of the whole result toward the spread of ε(T, I) "
+                                       "(as diffusers' guidance_rescale); 0 is off, 0.7 is typical."),
+            ],
+            outputs=[io.Guider.Output()],
+        )
+
+    @classmethod
+    def execute(cls, model, positive, image_only, negative, text_scale, image_scale, schedule="constant",
+                text_scale_end=7.5, image_scale_end=1.5, image_guidance_start=0.0, image_guidance_end=1.0,
+                rescale=0.0) -> io.NodeOutput:
+        check_edit_model(model)
+        if image_guidance_start > image_guidance_end:
+            raise ValueError(f"image_guidance_start ({image_guidance_start}) is after image_guidance_end "
+                             f"({image_guidance_end})")
+        sampling = model.get_model_object("model_sampling")
+        guidance = EditGuidance(text_scale, image_scale, schedule, text_scale_end, image_scale_end,
+                                (float(sampling.percent_to_sigma(image_guidance_start)),
+                                 float(sampling.percent_to_sigma(image_guidance_end))), rescale)
+        guider = EditGuider(model, guidance)
+        guider.set_conds(positive, image_only, negative)
+        return io.NodeOutput(guider)
+
+
+class InstructEditSampler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="InstructEditSampler",
+            display_name="Instruct Edit Sampler",
+            category=CATEGORY,
+            description="Edits an image by a written instruction in one node: like KSampler, with a text "
+                        "scale and an image scale instead of one cfg.",
+            inputs=[
+                io.Model.Input("model", tooltip="An instruction-edit model (8 UNet input channels)."),
+                io.Int.Input("seed", default=0, min=0, max=0xffffffffffffffff, control_after_generate=True,
+                             tooltip="Seed of the starting noise."),
+                io.Int.Input("steps", default=20, min=1, max=10000, tooltip="Sampling steps."),
+                _scale_input("text_scale", 7.5, "How strongly the edit follows the instruction."),
+                _scale_input("image_scale", 1.5, "How closely the result keeps to the input image."),
+                io.Combo.Input("sampler_name", options=comfy.samplers.SAMPLER_NAMES, tooltip="Sampling algorithm."),
+                io.Combo.Input("scheduler", options=comfy.samplers.SCHEDULER_NAMES, tooltip="Noise schedule."),
+                io.Conditioning.Input("positive", tooltip="The instruction, e.g. 'make it winter'."),
+                io.Conditioning.Input("negative", tooltip="The null text: an empty prompt, or a negative prompt."),
+                io.Vae.Input("vae", tooltip="Encodes the image."),
+                io.Image.Input("image", tooltip="The image to edit (center-cropped to a multiple of 8)."),
+            ],
+            outputs=[io.Latent.Output(tooltip="The edited image's latent (VAE Decode it).")],
+        )
+
+    @classmethod
+    def execute(cls, model, seed, steps, text_scale, image_scale, sampler_name, scheduler, positive, negative,
+                vae, image) -> io.NodeOutput:
+        check_edit_model(model)
+        image_latent = vae.encode(apply_resolution_policy(image[..., :3], RESOLUTION_POLICIES[0]))
+        *conds, latent = edit_conditioning(positive, negative, image_latent)
+        guider = EditGuider(model, EditGuidance(text_scale, image_scale))
+        guider.set_conds(*conds)
+        start = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
+        sigmas = comfy.samplers.KSampler(model, steps, model.load_device, sampler_name, scheduler, 1.0).sigmas
+        samples = guider.sample(comfy.sample.prepare_noise(start, seed), start,
+                                comfy.samplers.sampler_object(sampler_name), sigmas,
+                                callback=latent_preview.prepare_callback(model, sigmas.shape[-1] - 1),
+                                disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed)
+        return io.NodeOutput({"samples": samples.to(comfy.model_management.intermediate_device())})
+
+
+NODES = [InstructEditConditioning, InstructEditGuider, InstructEditSampler]

@@ -1,0 +1,51 @@
+"""The instruction-edit example workflows run through the HTTP API of a headless host on the factory SD1.5
+edit checkpoint (standing in for instruct-pix2pix-00-22000.safetensors), and a wrong model fails clearly."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from PIL import Image
+
+from tools import comfy_host
+from tools.run_example import WORKFLOWS, map_to_stand_ins
+
+pytestmark = pytest.mark.server
+
+EDIT_NODES = ("InstructEditConditioning", "InstructEditGuider", "InstructEditSampler")
+STEP_INPUTS = {"InstructEditSampler": "steps", "BasicScheduler": "steps"}
+
+
+def edit_workflow(name: str, steps: int = 2) -> dict:
+    prompt, _ = map_to_stand_ins(json.loads((WORKFLOWS / "api" / name).read_text()))
+    for node in prompt.values():
+        if node["class_type"] in STEP_INPUTS:
+            node["inputs"][STEP_INPUTS[node["class_type"]]] = steps
+    return prompt
+
+
+def test_edit_nodes_are_listed_with_a_tooltip_on_every_input(server):
+    for node_id in EDIT_NODES:
+        info = server.get_json(f"/object_info/{node_id}")[node_id]
+        assert info["python_module"] == f"custom_nodes.{comfy_host.PACK_DIR_NAME}"
+        inputs = {**info["input"]["required"], **info["input"].get("optional", {})}
+        untipped = [name for name, (_, *options) in inputs.items() if not (options and options[0].get("tooltip"))]
+        assert not untipped, f"{node_id}: no tooltip on {untipped}"
+
+
+@pytest.mark.parametrize("workflow", ["sd15_instruct_edit.json", "sd15_instruct_edit_guider.json"])
+def test_edit_workflow_produces_an_image(server, workflow):
+    files = server.output_files(server.run_prompt(edit_workflow(workflow)))
+    assert len(files) == 1
+    with Image.open(files[0]) as image:
+        assert image.size == (256, 256)
+
+
+def test_a_text_to_image_checkpoint_fails_naming_what_to_load(server):
+    prompt = edit_workflow("sd15_instruct_edit.json", steps=1)
+    prompt["1"]["inputs"]["ckpt_name"] = "tiny_sd15.ckpt"
+    with pytest.raises(comfy_host.PromptFailed) as failed:
+        server.run_prompt(prompt)
+    assert failed.value.node_type == "InstructEditSampler"
+    assert "model: the connected model's UNet takes 4 input channels (a text-to-image model)" in failed.value.message
+    assert "Load an InstructPix2Pix checkpoint instead" in failed.value.message
