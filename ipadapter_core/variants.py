@@ -7,6 +7,7 @@ file-name hint picks the row, and the first row of a shape group is the default.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 # CLIP vision encoders the public adapters were trained with: hidden width, projection width, input size.
@@ -102,3 +103,59 @@ def check_encoder(variant: Variant, adapter_name: str, hidden: int, projection: 
         found = encoder_of(hidden, projection) or f"an unknown encoder (hidden width {hidden}, projection {projection})"
         raise ValueError(f"{adapter_name} ({variant.name}) needs the CLIP vision {variant.encoder} ({needed['file']}, "
                          f"hidden width {needed['hidden']}); the connected CLIP vision is {found}")
+
+
+# The unified loader's presets: the variant each one means on each base model.
+PRESETS = {
+    "LIGHT - SD1.5 only": {"sd15": "light_sd15"},
+    "STANDARD": {"sd15": "base_sd15", "sdxl": "vit-h_sdxl"},
+    "VIT-G": {"sd15": "vit-g_sd15", "sdxl": "base_sdxl"},
+    "PLUS": {"sd15": "plus_sd15", "sdxl": "plus_sdxl"},
+    "PLUS FACE": {"sd15": "plus-face_sd15", "sdxl": "plus-face_sdxl"},
+    "FULL FACE - SD1.5 only": {"sd15": "full-face_sd15"},
+    "COMPOSITION": {"sd15": "composition_sd15", "sdxl": "composition_sdxl"},
+}
+# How users name the public files: a case-insensitive pattern on the name without extension ("." is any
+# character, so "-" / "_" / "." all match) and the name to ask for when none is found.
+PUBLIC_FILES = {
+    "light_sd15": (r"sd15.light(.v11)?$", "ip-adapter_sd15_light_v11.bin"),
+    "base_sd15": (r"ip.adapter.sd15$", "ip-adapter_sd15.safetensors"),
+    "vit-g_sd15": (r"sd15.vit.g$", "ip-adapter_sd15_vit-G.safetensors"),
+    "plus_sd15": (r"ip.adapter.plus.sd15$", "ip-adapter-plus_sd15.safetensors"),
+    "plus-face_sd15": (r"plus.face.sd15$", "ip-adapter-plus-face_sd15.safetensors"),
+    "full-face_sd15": (r"full.face.sd15$", "ip-adapter-full-face_sd15.safetensors"),
+    "composition_sd15": (r"plus.composition.sd15$", "ip_plus_composition_sd15.safetensors"),
+    "base_sdxl": (r"ip.adapter.sdxl$", "ip-adapter_sdxl.safetensors"),
+    "vit-h_sdxl": (r"ip.adapter.sdxl.vit.h$", "ip-adapter_sdxl_vit-h.safetensors"),
+    "plus_sdxl": (r"plus.sdxl.vit.h$", "ip-adapter-plus_sdxl_vit-h.safetensors"),
+    "plus-face_sdxl": (r"plus.face.sdxl.vit.h$", "ip-adapter-plus-face_sdxl_vit-h.safetensors"),
+    "composition_sdxl": (r"plus.composition.sdxl$", "ip_plus_composition_sdxl.safetensors"),
+}
+ENCODER_FILE_PATTERNS = {"ViT-H-14": r"vit.h.14.*s32b.b79k", "ViT-bigG-14": r"vit.bigg.14.*39b.b160k",
+                         "ViT-L-14-336": r"clip.vit.large.patch14.336"}
+
+
+def preset_variant(preset: str, base: str) -> Variant:
+    """The variant a preset means on a base model ("sd15" or "sdxl"), or ValueError saying why not."""
+    if preset not in PRESETS:
+        raise ValueError(f"preset: '{preset}' is not one of {', '.join(PRESETS)}")
+    name = PRESETS[preset].get(base)
+    if name is None:
+        raise ValueError(f"preset: '{preset}' has no {base.upper()} IP-Adapter; choose another preset")
+    return BY_NAME[name]
+
+
+def _stem(file_name: str) -> str:
+    return file_name.rsplit("/", 1)[-1].rsplit(".", 1)[0]
+
+
+def adapter_candidates(variant: Variant, file_names: list[str]) -> list[str]:
+    """The files of a folder listing that are named like the public file of ``variant``, sorted."""
+    pattern = re.compile(PUBLIC_FILES[variant.name][0], re.IGNORECASE)
+    return sorted(f for f in file_names if pattern.search(_stem(f)))
+
+
+def encoder_candidates(encoder: str, file_names: list[str]) -> list[str]:
+    """The files of a folder listing that are named like the public file of ``encoder``, sorted."""
+    pattern = re.compile(ENCODER_FILE_PATTERNS[encoder], re.IGNORECASE)
+    return sorted(f for f in file_names if pattern.search(_stem(f)))

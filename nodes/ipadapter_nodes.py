@@ -12,9 +12,10 @@ from ..ipadapter_core.attention import KV_SCALINGS, AdapterSpec
 from ..ipadapter_core.embeds import COMBINE_MODES, combine_embeds
 from ..ipadapter_core.loader import AdapterFile, load_adapter
 from ..ipadapter_core.projection import build_projection
-from ..ipadapter_core.variants import check_encoder
+from ..ipadapter_core.variants import (ENCODERS, PRESETS, PUBLIC_FILES, adapter_candidates, check_encoder,
+                                       encoder_candidates, preset_variant)
 from ..ipadapter_core.weights import WEIGHT_TYPES, layer_weights
-from .ipadapter_patch import check_fit, cross_attention_layers, patch_model
+from .ipadapter_patch import AdapterModelMismatch, check_fit, cross_attention_layers, patch_model
 
 FOLDER = "ipadapter"
 CATEGORY = "image_prompt"
@@ -222,4 +223,52 @@ class ImagePromptApplyAdvanced(io.ComfyNode):
         return io.NodeOutput(patch_model(model, ipadapter.file, spec))
 
 
-NODES = [ImagePromptAdapterLoader, ImagePromptApply, ImagePromptApplyAdvanced]
+class ImagePromptUnifiedLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="ImagePromptUnifiedLoader",
+            display_name="IP-Adapter Unified Loader",
+            category=CATEGORY,
+            description="Finds the IP-Adapter of a preset for the connected model (SD1.5 or SDXL) and the CLIP "
+                        "vision it needs, under the file names users have; a missing file is named in the error.",
+            inputs=[io.Model.Input("model", tooltip="The model the adapter is for; passed through unchanged."),
+                    io.Combo.Input("preset", options=list(PRESETS), default="STANDARD",
+                                   tooltip="Which adapter: light, standard, ViT-G, plus, plus face, full face, "
+                                           "composition.")],
+            outputs=[io.Model.Output(), Adapter.Output(display_name="ipadapter"), io.ClipVision.Output()],
+        )
+
+    @classmethod
+    def execute(cls, model, preset: str) -> io.NodeOutput:
+        import comfy.clip_vision
+        layers, _ = cross_attention_layers(model)
+        base = {768: "sd15", 2048: "sdxl"}.get(layers[0].context_dim if layers else 0)
+        if base is None:
+            raise ValueError("model: the unified loader knows SD1.5 (context 768) and SDXL (context 2048) UNets; "
+                             "load an adapter file with Load IP-Adapter instead")
+        variant = preset_variant(preset, base)
+        misfits = []
+        for name in adapter_candidates(variant, folder_paths.get_filename_list(FOLDER)):
+            adapter = load_adapter(folder_paths.get_full_path_or_raise(FOLDER, name))
+            try:
+                check_fit(adapter, layers)
+                break
+            except AdapterModelMismatch:
+                misfits.append(name)
+        else:
+            found = f"; named like it but made for another UNet: {', '.join(misfits)}" if misfits else ""
+            raise FileNotFoundError(f"preset '{preset}' on an {base.upper()} model needs "
+                                    f"{PUBLIC_FILES[variant.name][1]} in {', '.join(folder_paths.get_folder_paths(FOLDER))}"
+                                    f"{found}")
+        clip_files = encoder_candidates(variant.encoder, folder_paths.get_filename_list("clip_vision"))
+        if not clip_files:
+            raise FileNotFoundError(f"preset '{preset}' needs the CLIP vision {variant.encoder}: "
+                                    f"{ENCODERS[variant.encoder]['file']} in "
+                                    f"{', '.join(folder_paths.get_folder_paths('clip_vision'))}")
+        clip_vision = comfy.clip_vision.load(folder_paths.get_full_path_or_raise("clip_vision", clip_files[0]))
+        loaded = LoadedAdapter(adapter, build_projection(adapter.variant, adapter.image_proj))
+        return io.NodeOutput(model, loaded, clip_vision)
+
+
+NODES = [ImagePromptUnifiedLoader, ImagePromptAdapterLoader, ImagePromptApply, ImagePromptApplyAdvanced]

@@ -57,8 +57,13 @@ def _params(ext):
 
 
 @pytest.mark.parametrize("name, variant, encoder", _params(".bin") + _params(".safetensors"))
-def test_file_is_identified_with_its_encoder(name, variant, encoder):
-    adapter = load_adapter(factory.ensure(name) / name)
+def test_file_is_identified_with_its_encoder(name, variant, encoder, tmp_path):
+    if name.endswith(".safetensors"):  # full size (SDXL ones 0.7-2.4 GB): written here and removed, not cached
+        path = tmp_path / name.split("/")[1]
+        factory.write_state_dict(factory.CATALOGUE[name].build(), path)
+    else:
+        path = factory.ensure(name) / name
+    adapter = load_adapter(path)
     assert adapter.variant.name == variant
     assert adapter.variant.encoder == encoder
     stem = name.split("/")[1].rsplit(".", 1)[0]
@@ -137,3 +142,25 @@ def test_inspect_command_prints_one_json_line_per_file(tmp_path):
     assert (sdxl["variant"], sdxl["encoder"], sdxl["encoder_output"], sdxl["tokens"]) == \
         ("base_sdxl", "ViT-bigG-14", "image_embeds", 4)
     assert bad["file"] == str(broken) and "not a readable" in bad["error"]
+
+
+def test_presets_find_files_under_the_names_users_have():
+    from ipadapter_core.variants import adapter_candidates, encoder_candidates, preset_variant
+    listing = ["ip-adapter-plus_sd15.safetensors", "ip-adapter-plus-face_sd15.safetensors", "ip-adapter_sd15.bin",
+               "ip-adapter_sd15_light_v11.bin", "sdxl/ip-adapter_sdxl.safetensors", "ip-adapter_sdxl_vit-h.bin",
+               "IP-Adapter-Plus_SDXL_ViT-H.safetensors", "model.safetensors"]
+    found = {(p, b): adapter_candidates(preset_variant(p, b), listing)
+             for p, b in [("PLUS", "sd15"), ("STANDARD", "sd15"), ("LIGHT - SD1.5 only", "sd15"),
+                          ("VIT-G", "sdxl"), ("STANDARD", "sdxl"), ("PLUS", "sdxl"), ("PLUS FACE", "sd15")]}
+    assert found == {("PLUS", "sd15"): ["ip-adapter-plus_sd15.safetensors"],
+                     ("STANDARD", "sd15"): ["ip-adapter_sd15.bin"],
+                     ("LIGHT - SD1.5 only", "sd15"): ["ip-adapter_sd15_light_v11.bin"],
+                     ("VIT-G", "sdxl"): ["sdxl/ip-adapter_sdxl.safetensors"],
+                     ("STANDARD", "sdxl"): ["ip-adapter_sdxl_vit-h.bin"],
+                     ("PLUS", "sdxl"): ["IP-Adapter-Plus_SDXL_ViT-H.safetensors"],
+                     ("PLUS FACE", "sd15"): ["ip-adapter-plus-face_sd15.safetensors"]}
+    assert encoder_candidates("ViT-bigG-14", ["CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors",
+                                              "CLIP-ViT-bigG-14-laion2B-39B-b160k.safetensors"]) == \
+        ["CLIP-ViT-bigG-14-laion2B-39B-b160k.safetensors"]
+    with pytest.raises(ValueError, match="'FULL FACE - SD1.5 only' has no SDXL IP-Adapter"):
+        preset_variant("FULL FACE - SD1.5 only", "sdxl")

@@ -106,3 +106,15 @@ def test_wrong_clip_vision_is_named_before_sampling(host, patched, need_models):
                                          r"hidden width 1280\); the connected CLIP vision is ViT-L-14-336"):
         run_node(host, "ImagePromptApply", model=model, ipadapter=adapter, clip_vision=wrong,
                  image=torch.rand(1, 64, 64, 3), weight=1.0)
+
+
+def test_unified_loader_finds_the_preset_file_that_fits_the_model(host, patched, need_models):
+    need_models("ipadapter/ip-adapter-plus_sd15.bin")  # named like the preset's file, made for the full UNet
+    model = host.CheckpointLoaderSimple().load_checkpoint("tiny_sd15.ckpt")[0]
+    same, adapter, clip_vision = run_node(host, "ImagePromptUnifiedLoader", model=model, preset="PLUS")
+    assert same is model
+    assert adapter.file.name == ADAPTER and adapter.file.variant.name == "plus_sd15"
+    assert clip_vision.encode_image(torch.rand(1, 32, 32, 3)).image_embeds.shape == (1, 1024)
+    with pytest.raises(FileNotFoundError, match=r"preset 'COMPOSITION' on an SD15 model needs "
+                                                r"ip_plus_composition_sd15.safetensors in .*ipadapter"):
+        run_node(host, "ImagePromptUnifiedLoader", model=model, preset="COMPOSITION")

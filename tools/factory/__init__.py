@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,6 +81,13 @@ def models_dir() -> Path:
     return comfy_host.cache_root() / f"models-{factory_key()}"
 
 
+def _prune_stale_caches(current: Path) -> None:
+    """Remove model folders built by earlier versions of the factory (they are never read again)."""
+    for stale in current.parent.glob("models-*"):
+        if stale != current and stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+
+
 def write_state_dict(state_dict: dict, path: Path) -> None:
     """``torch.save`` for pickle formats (pool views stay shared: small files); safetensors gets
     contiguous copies, with grouped entries flattened as ``<group>.<key>``."""
@@ -101,6 +109,8 @@ def write_state_dict(state_dict: dict, path: Path) -> None:
 def ensure(*names: str) -> Path:
     """Build the named factory files that are missing and return the models folder."""
     root = models_dir()
+    if not root.exists():
+        _prune_stale_caches(root)
     for name in names:
         model = CATALOGUE[name]
         path = root / name
