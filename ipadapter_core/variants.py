@@ -149,13 +149,8 @@ def _stem(file_name: str) -> str:
     return file_name.rsplit("/", 1)[-1].rsplit(".", 1)[0]
 
 
-def adapter_candidates(variant: Variant, file_names: list[str]) -> list[str]:
-    """The files of a folder listing that are named like the public file of ``variant``, sorted."""
-    pattern = re.compile(PUBLIC_FILES[variant.name][0], re.IGNORECASE)
-    return sorted(f for f in file_names if pattern.search(_stem(f)))
-
-
-def encoder_candidates(encoder: str, file_names: list[str]) -> list[str]:
-    """The files of a folder listing that are named like the public file of ``encoder``, sorted."""
-    pattern = re.compile(ENCODER_FILE_PATTERNS[encoder], re.IGNORECASE)
-    return sorted(f for f in file_names if pattern.search(_stem(f)))
+def files_named_like(pattern: str, file_names: list[str]) -> list[str]:
+    """The files of a folder listing whose name without extension matches ``pattern`` (a value of
+    PUBLIC_FILES or ENCODER_FILE_PATTERNS), ignoring case; sorted."""
+    regex = re.compile(pattern, re.IGNORECASE)
+    return sorted(f for f in file_names if regex.search(_stem(f)))

@@ -12,8 +12,8 @@ from ..ipadapter_core.attention import KV_SCALINGS, AdapterSpec
 from ..ipadapter_core.embeds import COMBINE_MODES, combine_embeds
 from ..ipadapter_core.loader import AdapterFile, load_adapter
 from ..ipadapter_core.projection import build_projection
-from ..ipadapter_core.variants import (ENCODERS, PRESETS, PUBLIC_FILES, adapter_candidates, check_encoder,
-                                       encoder_candidates, preset_variant)
+from ..ipadapter_core.variants import (ENCODER_FILE_PATTERNS, ENCODERS, PRESETS, PUBLIC_FILES, check_encoder,
+                                       files_named_like, preset_variant)
 from ..ipadapter_core.weights import WEIGHT_TYPES, layer_weights
 from .ipadapter_patch import AdapterModelMismatch, check_fit, cross_attention_layers, patch_model
 
@@ -249,7 +249,7 @@ class ImagePromptUnifiedLoader(io.ComfyNode):
                              "load an adapter file with Load IP-Adapter instead")
         variant = preset_variant(preset, base)
         misfits = []
-        for name in adapter_candidates(variant, folder_paths.get_filename_list(FOLDER)):
+        for name in files_named_like(PUBLIC_FILES[variant.name][0], folder_paths.get_filename_list(FOLDER)):
             adapter = load_adapter(folder_paths.get_full_path_or_raise(FOLDER, name))
             try:
                 check_fit(adapter, layers)
@@ -261,7 +261,8 @@ class ImagePromptUnifiedLoader(io.ComfyNode):
             raise FileNotFoundError(f"preset '{preset}' on an {base.upper()} model needs "
                                     f"{PUBLIC_FILES[variant.name][1]} in {', '.join(folder_paths.get_folder_paths(FOLDER))}"
                                     f"{found}")
-        clip_files = encoder_candidates(variant.encoder, folder_paths.get_filename_list("clip_vision"))
+        clip_files = files_named_like(ENCODER_FILE_PATTERNS[variant.encoder],
+                                      folder_paths.get_filename_list("clip_vision"))
         if not clip_files:
             raise FileNotFoundError(f"preset '{preset}' needs the CLIP vision {variant.encoder}: "
                                     f"{ENCODERS[variant.encoder]['file']} in "

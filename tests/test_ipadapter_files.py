@@ -145,11 +145,11 @@ def test_inspect_command_prints_one_json_line_per_file(tmp_path):
 
 
 def test_presets_find_files_under_the_names_users_have():
-    from ipadapter_core.variants import adapter_candidates, encoder_candidates, preset_variant
+    from ipadapter_core.variants import ENCODER_FILE_PATTERNS, PUBLIC_FILES, files_named_like, preset_variant
     listing = ["ip-adapter-plus_sd15.safetensors", "ip-adapter-plus-face_sd15.safetensors", "ip-adapter_sd15.bin",
                "ip-adapter_sd15_light_v11.bin", "sdxl/ip-adapter_sdxl.safetensors", "ip-adapter_sdxl_vit-h.bin",
                "IP-Adapter-Plus_SDXL_ViT-H.safetensors", "model.safetensors"]
-    found = {(p, b): adapter_candidates(preset_variant(p, b), listing)
+    found = {(p, b): files_named_like(PUBLIC_FILES[preset_variant(p, b).name][0], listing)
              for p, b in [("PLUS", "sd15"), ("STANDARD", "sd15"), ("LIGHT - SD1.5 only", "sd15"),
                           ("VIT-G", "sdxl"), ("STANDARD", "sdxl"), ("PLUS", "sdxl"), ("PLUS FACE", "sd15")]}
     assert found == {("PLUS", "sd15"): ["ip-adapter-plus_sd15.safetensors"],
@@ -159,8 +159,8 @@ def test_presets_find_files_under_the_names_users_have():
                      ("STANDARD", "sdxl"): ["ip-adapter_sdxl_vit-h.bin"],
                      ("PLUS", "sdxl"): ["IP-Adapter-Plus_SDXL_ViT-H.safetensors"],
                      ("PLUS FACE", "sd15"): ["ip-adapter-plus-face_sd15.safetensors"]}
-    assert encoder_candidates("ViT-bigG-14", ["CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors",
-                                              "CLIP-ViT-bigG-14-laion2B-39B-b160k.safetensors"]) == \
+    assert files_named_like(ENCODER_FILE_PATTERNS["ViT-bigG-14"], ["CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors",
+                                                                   "CLIP-ViT-bigG-14-laion2B-39B-b160k.safetensors"]) == \
         ["CLIP-ViT-bigG-14-laion2B-39B-b160k.safetensors"]
     with pytest.raises(ValueError, match="'FULL FACE - SD1.5 only' has no SDXL IP-Adapter"):
         preset_variant("FULL FACE - SD1.5 only", "sdxl")
