@@ -140,6 +140,15 @@ def adapter_spec(model, adapter: LoadedAdapter, cond: torch.Tensor, uncond: torc
                        weights.swapped, embeds_scaling, sigma_range, mask)
 
 
+def apply_adapter(model, adapter: LoadedAdapter, clip_vision, image: torch.Tensor, weight: float,
+                  combine: str = "concat", negative: torch.Tensor | None = None, **options):
+    """What both Apply nodes do: check the fit first (cheaper than encoding, and the deeper mismatch),
+    encode the reference, and patch a clone with the spec ``options`` describe (see adapter_spec)."""
+    check_fit(adapter.file, cross_attention_layers(model)[0])
+    cond, uncond = encode_reference(adapter, clip_vision, image, combine, negative)
+    return patch_model(model, adapter.file, adapter_spec(model, adapter, cond, uncond, weight, **options))
+
+
 def _common_inputs():
     return [
         io.Model.Input("model", tooltip="The model to steer; it is cloned, never modified."),
@@ -180,10 +189,8 @@ class ImagePromptApply(io.ComfyNode):
     @classmethod
     def execute(cls, model, ipadapter: LoadedAdapter, clip_vision, image, weight, weight_type="linear",
                 start_at=0.0, end_at=1.0, attn_mask=None) -> io.NodeOutput:
-        check_fit(ipadapter.file, cross_attention_layers(model)[0])  # before encoding: the cheaper mismatch
-        cond, uncond = encode_reference(ipadapter, clip_vision, image)
-        spec = adapter_spec(model, ipadapter, cond, uncond, weight, weight_type, start_at, end_at, attn_mask=attn_mask)
-        return io.NodeOutput(patch_model(model, ipadapter.file, spec))
+        return io.NodeOutput(apply_adapter(model, ipadapter, clip_vision, image, weight, weight_type=weight_type,
+                                           start_at=start_at, end_at=end_at, attn_mask=attn_mask))
 
 
 class ImagePromptApplyAdvanced(io.ComfyNode):
@@ -216,11 +223,10 @@ class ImagePromptApplyAdvanced(io.ComfyNode):
     def execute(cls, model, ipadapter: LoadedAdapter, clip_vision, image, weight, weight_type, start_at, end_at,
                 combine_embeds, embeds_scaling, composition_weight, image_negative=None,
                 attn_mask=None) -> io.NodeOutput:
-        check_fit(ipadapter.file, cross_attention_layers(model)[0])
-        cond, uncond = encode_reference(ipadapter, clip_vision, image, combine_embeds, image_negative)
-        spec = adapter_spec(model, ipadapter, cond, uncond, weight, weight_type, start_at, end_at, embeds_scaling,
-                            attn_mask, composition_weight)
-        return io.NodeOutput(patch_model(model, ipadapter.file, spec))
+        return io.NodeOutput(apply_adapter(model, ipadapter, clip_vision, image, weight, combine_embeds,
+                                           image_negative, weight_type=weight_type, start_at=start_at, end_at=end_at,
+                                           embeds_scaling=embeds_scaling, attn_mask=attn_mask,
+                                           composition_weight=composition_weight))
 
 
 class ImagePromptUnifiedLoader(io.ComfyNode):

@@ -118,3 +118,22 @@ def test_unified_loader_finds_the_preset_file_that_fits_the_model(host, patched,
     with pytest.raises(FileNotFoundError, match=r"preset 'COMPOSITION' on an SD15 model needs "
                                                 r"ip_plus_composition_sd15.safetensors in .*ipadapter"):
         run_node(host, "ImagePromptUnifiedLoader", model=model, preset="COMPOSITION")
+
+
+def test_advanced_node_combines_images_and_takes_a_negative_image(host, patched):
+    model = host.CheckpointLoaderSimple().load_checkpoint("tiny_sd15.ckpt")[0]
+    (clip_vision,) = host.CLIPVisionLoader().load_clip("CLIP-ViT-H-14-laion2B-s32B-b79K.pt")
+    (adapter,) = run_node(host, "ImagePromptAdapterLoader", ipadapter_file=ADAPTER)
+    images = torch.rand(2, 64, 64, 3, generator=torch.Generator().manual_seed(2))
+    common = dict(model=model, ipadapter=adapter, clip_vision=clip_vision, image=images, weight=1.0,
+                  weight_type="linear", start_at=0.0, end_at=1.0, embeds_scaling="K+V", composition_weight=1.0)
+
+    def spec(**inputs):
+        (result,) = run_node(host, "ImagePromptApplyAdvanced", **common, **inputs)
+        return next(iter(result.model_options["transformer_options"]["patches_replace"]["attn2"].values())).adapters[0]
+    concat, average = spec(combine_embeds="concat"), spec(combine_embeds="average")
+    assert concat.cond_tokens.shape[1] == 32 and average.cond_tokens.shape[1] == 16  # 16 tokens per image
+    negative = spec(combine_embeds="average", image_negative=torch.zeros(1, 64, 64, 3))
+    assert torch.equal(negative.cond_tokens, average.cond_tokens)
+    assert not torch.equal(negative.uncond_tokens, average.uncond_tokens)
+    assert average.kv_scaling == "K+V"
