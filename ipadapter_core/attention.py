@@ -27,12 +27,14 @@ PENALTY_WIDTH = 1280  # the C penalty scales a layer's weight by C / 1280: shall
 class AdapterSpec:
     """One adapter on one model: image tokens, per-layer K/V weights and weights, and how they apply.
 
-    ``cond_tokens`` / ``uncond_tokens`` [1, T, D]; ``to_k[i]`` / ``to_v[i]`` [C_i, D] for layer i;
-    ``layer_weights[i]`` scales the image term at layer i (0 skips the layer); ``swapped[i]`` gives the
-    image to the uncond side and zeros to the cond side (the precise weight types). ``kv_scaling`` is
-    where the weight applies: to the output ("V only"), to K and V, with the C penalty, or to K and the
-    token mean of V. ``sigma_range`` (high, low) limits the adapter to low <= sigma <= high. ``mask``
-    [H, W] in [0, 1] limits it to a region of the image, at any aspect ratio."""
+    ``cond_tokens`` / ``uncond_tokens`` [n, T, D]: n = 1 conditions every latent alike; n > 1 (unfolded
+    batch) gives image i to latent i of each chunk (cycling when the batch is longer). ``image_weights``
+    (n values, or empty for all 1) scale each image's term. ``to_k[i]`` / ``to_v[i]`` [C_i, D] for layer
+    i; ``layer_weights[i]`` scales the image term at layer i (0 skips the layer); ``swapped[i]`` gives
+    the image to the uncond side and zeros to the cond side (the precise weight types). ``kv_scaling``
+    is where the weight applies: to the output ("V only"), to K and V, with the C penalty, or to K and
+    the token mean of V. ``sigma_range`` (high, low) limits the adapter to low <= sigma <= high.
+    ``mask`` [H, W] in [0, 1] limits it to a region of the image, at any aspect ratio."""
     cond_tokens: torch.Tensor
     uncond_tokens: torch.Tensor
     to_k: tuple[torch.Tensor, ...]
@@ -42,15 +44,19 @@ class AdapterSpec:
     kv_scaling: str = "V only"
     sigma_range: tuple[float, float] | None = None
     mask: torch.Tensor | None = None
+    image_weights: tuple[float, ...] = ()
     _kv_cache: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self):
         if self.kv_scaling not in KV_SCALINGS:
             raise ValueError(f"embeds_scaling: '{self.kv_scaling}' is not one of {', '.join(KV_SCALINGS)}")
+        if self.image_weights and len(self.image_weights) != self.cond_tokens.shape[0]:
+            raise ValueError(f"weight: {len(self.image_weights)} weights for {self.cond_tokens.shape[0]} images; "
+                             f"give one weight, or one per image")
 
     def image_kv(self, layer: int, device: torch.device, dtype: torch.dtype):
-        """(K [2, T, C], V [2, T, C], output scale) at ``layer``: row 0 for uncond chunks, row 1 for cond
-        chunks, with the weight folded into K/V unless it scales the output. Computed once."""
+        """(K [2n, T, C], V [2n, T, C], output scale) at ``layer``: rows 0..n-1 for uncond chunks, n..2n-1
+        for cond chunks, with the weight folded into K/V unless it scales the output. Computed once."""
         key = (layer, device, dtype)
         if key not in self._kv_cache:
             cond, uncond = self.cond_tokens, self.uncond_tokens
@@ -59,12 +65,16 @@ class AdapterSpec:
             tokens = torch.cat([uncond, cond]).to(device, torch.float32)
             k = tokens @ self.to_k[layer].to(device, torch.float32).T
             v = tokens @ self.to_v[layer].to(device, torch.float32).T
+            per_image = torch.tensor(self.image_weights or [1.0], device=device).repeat(2)[:, None, None]
             weight, scale = self.layer_weights[layer], 1.0
             if self.kv_scaling == "V only":
                 scale = weight
+                if self.image_weights:
+                    v = v * per_image  # the output is linear in V
             else:
                 if self.kv_scaling != "K+V":
                     weight = weight * k.shape[-1] / PENALTY_WIDTH
+                weight = weight * per_image
                 k = k * weight
                 if self.kv_scaling == "K+mean(V) w/ C penalty":
                     mean = v.mean(dim=1, keepdim=True)
@@ -135,11 +145,13 @@ class DecoupledCrossAttention:
         return self._batched[key]
 
     def _batched_kv(self, index, adapter, layer, flags, rows, device, dtype):
-        """Image K/V laid out like the batch ([B, T, C]): uncond chunks get the uncond tokens, the rest cond."""
+        """Image K/V laid out like the batch ([B, T, C]): uncond chunks get the uncond tokens, the rest cond;
+        row r of a chunk gets image r mod n."""
         key = (index, layer, flags, rows, device, dtype)
         if key not in self._batched:
             k_pair, v_pair, scale = adapter.image_kv(layer, device, dtype)
-            pick = torch.tensor([0 if uncond else 1 for uncond in flags for _ in range(rows)], device=device)
+            n = adapter.cond_tokens.shape[0]
+            pick = torch.tensor([(0 if uncond else n) + r % n for uncond in flags for r in range(rows)], device=device)
             self._batched[key] = (k_pair.index_select(0, pick), v_pair.index_select(0, pick), scale)
         return self._batched[key]
 

@@ -105,7 +105,21 @@ def check_encoder(variant: Variant, adapter_name: str, hidden: int, projection: 
                          f"hidden width {needed['hidden']}); the connected CLIP vision is {found}")
 
 
-# The unified loader's presets: the variant each one means on each base model.
+def check_embeds(variant: Variant, adapter_name: str, shape: tuple[int, ...]) -> None:
+    """Raise ValueError, naming what the adapter takes and from which encoder, unless ``shape`` (of an
+    EMBEDS tensor) is what its projection reads: [n, E] pooled or face embeds, [n, N, E] hidden states."""
+    rank = 3 if variant.encoder_output == "penultimate" else 2
+    if len(shape) == rank and shape[-1] == variant.embed_dim and shape[0] > 0:
+        return
+    what = {"image_embeds": f"pooled image_embeds [n, {variant.embed_dim}] of the CLIP vision {variant.encoder}",
+            "penultimate": f"penultimate hidden states [n, tokens, {variant.embed_dim}] of the CLIP vision "
+                           f"{variant.encoder}",
+            "face": f"face embeddings [n, {variant.embed_dim}] (InsightFace)"}[variant.encoder_output]
+    raise ValueError(f"embeds: {adapter_name} ({variant.name}) takes {what}; got a tensor of shape {tuple(shape)}")
+
+
+# The unified loaders' presets: the variant each one means on each base model (Kolors UNets have the
+# SDXL layout, so they are found as "sdxl").
 PRESETS = {
     "LIGHT - SD1.5 only": {"sd15": "light_sd15"},
     "STANDARD": {"sd15": "base_sd15", "sdxl": "vit-h_sdxl"},
@@ -114,6 +128,15 @@ PRESETS = {
     "PLUS FACE": {"sd15": "plus-face_sd15", "sdxl": "plus-face_sdxl"},
     "FULL FACE - SD1.5 only": {"sd15": "full-face_sd15"},
     "COMPOSITION": {"sd15": "composition_sd15", "sdxl": "composition_sdxl"},
+    "KOLORS": {"sdxl": "plus_kolors"},
+}
+FACEID_PRESETS = {
+    "FACEID": {"sd15": "faceid_sd15", "sdxl": "faceid_sdxl"},
+    "FACEID PLUS - SD1.5 only": {"sd15": "faceid-plus_sd15"},
+    "FACEID PLUS V2": {"sd15": "faceid-plusv2_sd15", "sdxl": "faceid-plusv2_sdxl"},
+    "FACEID PORTRAIT": {"sd15": "portrait-v11_sd15", "sdxl": "portrait_sdxl"},
+    "FACEID PORTRAIT UNNORM - SDXL only": {"sdxl": "portrait-unnorm_sdxl"},
+    "FACEID KOLORS": {"sdxl": "faceid-plus_kolors"},
 }
 # How users name the public files: a case-insensitive pattern on the name without extension ("." is any
 # character, so "-" / "_" / "." all match) and the name to ask for when none is found.
@@ -130,16 +153,26 @@ PUBLIC_FILES = {
     "plus_sdxl": (r"plus.sdxl.vit.h$", "ip-adapter-plus_sdxl_vit-h.safetensors"),
     "plus-face_sdxl": (r"plus.face.sdxl.vit.h$", "ip-adapter-plus-face_sdxl_vit-h.safetensors"),
     "composition_sdxl": (r"plus.composition.sdxl$", "ip_plus_composition_sdxl.safetensors"),
+    "plus_kolors": (r"ip.adapter.plus.general$", "ip_adapter_plus_general.bin"),
+    "faceid_sd15": (r"faceid.sd15$", "ip-adapter-faceid_sd15.bin"),
+    "faceid-plus_sd15": (r"faceid.plus.sd15$", "ip-adapter-faceid-plus_sd15.bin"),
+    "faceid-plusv2_sd15": (r"faceid.plusv2.sd15$", "ip-adapter-faceid-plusv2_sd15.bin"),
+    "portrait-v11_sd15": (r"faceid.portrait.v11.sd15$", "ip-adapter-faceid-portrait-v11_sd15.bin"),
+    "faceid_sdxl": (r"faceid.sdxl$", "ip-adapter-faceid_sdxl.bin"),
+    "faceid-plusv2_sdxl": (r"faceid.plusv2.sdxl$", "ip-adapter-faceid-plusv2_sdxl.bin"),
+    "portrait_sdxl": (r"faceid.portrait.sdxl$", "ip-adapter-faceid-portrait_sdxl.bin"),
+    "portrait-unnorm_sdxl": (r"faceid.portrait.sdxl.unnorm$", "ip-adapter-faceid-portrait_sdxl_unnorm.bin"),
+    "faceid-plus_kolors": (r"ipa.faceid.plus$", "ipa-faceid-plus.bin"),
 }
 ENCODER_FILE_PATTERNS = {"ViT-H-14": r"vit.h.14.*s32b.b79k", "ViT-bigG-14": r"vit.bigg.14.*39b.b160k",
                          "ViT-L-14-336": r"clip.vit.large.patch14.336"}
 
 
-def preset_variant(preset: str, base: str) -> Variant:
-    """The variant a preset means on a base model ("sd15" or "sdxl"), or ValueError saying why not."""
-    if preset not in PRESETS:
-        raise ValueError(f"preset: '{preset}' is not one of {', '.join(PRESETS)}")
-    name = PRESETS[preset].get(base)
+def preset_variant(preset: str, base: str, presets: dict = PRESETS) -> Variant:
+    """The variant a preset of ``presets`` means on a base model ("sd15" or "sdxl"), or ValueError saying why not."""
+    if preset not in presets:
+        raise ValueError(f"preset: '{preset}' is not one of {', '.join(presets)}")
+    name = presets[preset].get(base)
     if name is None:
         raise ValueError(f"preset: '{preset}' has no {base.upper()} IP-Adapter; choose another preset")
     return BY_NAME[name]

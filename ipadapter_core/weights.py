@@ -94,3 +94,25 @@ def layer_weights(kind: str, weight: float, layers: list[tuple[str, int]], block
     per_block = {t: values[which] * share for t, (which, share) in BLOCK_WEIGHTS[(kind, layout)].items()}
     swapped = SWAPPED_BLOCKS.get((kind, layout), set())
     return LayerWeights(tuple(per_block.get(t, 0.0) for _, t in layers), tuple(t in swapped for _, t in layers))
+
+
+def parse_block_weights(text: str, blocks: int) -> dict[int, float]:
+    """"index:weight, ..." (attention block index -> weight, in any order) -> {index: weight}."""
+    values = {}
+    for entry in filter(None, (part.strip() for part in text.replace("\n", ",").split(","))):
+        index, sep, value = entry.partition(":")
+        try:
+            t, w = int(index), float(value)
+        except ValueError:
+            t = w = None
+        if not sep or t is None or not 0 <= t < blocks or w != w:
+            raise ValueError(f"layer_weights: '{entry}' is not 'index:weight' with an attention block index "
+                             f"0..{blocks - 1} (this model has {blocks} attention blocks)")
+        values[t] = w
+    return values
+
+
+def explicit_layer_weights(text: str, weight: float, layers: list[tuple[str, int]], blocks: int) -> LayerWeights:
+    """Per-block weights written out ("3:1, 6:0.5"): block t gets weight x its value, unlisted blocks 0."""
+    values = parse_block_weights(text, blocks)
+    return LayerWeights(tuple(weight * values.get(t, 0.0) for _, t in layers), (False,) * len(layers))
