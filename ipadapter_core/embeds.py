@@ -1,9 +1,11 @@
-"""Combining the CLIP embeddings of several reference images before projection.
+"""Reference embeddings: combining the CLIP embeddings of several images before projection, and their files.
 
 ``concat`` keeps every image (their tokens are concatenated after projection: T·n tokens); the other
 modes reduce the batch of embeddings [n, ...] to one [1, ...] and so keep T tokens.
 """
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -32,3 +34,31 @@ def combine_embeds(embeds: torch.Tensor, mode: str) -> torch.Tensor:
     if mode == "max":
         return embeds.max(dim=0, keepdim=True).values
     return embeds.min(dim=0, keepdim=True).values
+
+
+EMBEDS_KEY = "embeds"
+EMBEDS_SUFFIXES = (".safetensors", ".ipadpt")  # ours, and the .ipadpt files of the most-used pack (read only)
+
+
+def save_embeds(path: str, embeds: torch.Tensor) -> None:
+    """Write EMBEDS as a safetensors file with one tensor, ``embeds``."""
+    from safetensors.torch import save_file
+    save_file({EMBEDS_KEY: embeds.detach().float().cpu().contiguous()}, path)
+
+
+def load_embeds(path: str) -> torch.Tensor:
+    """Read EMBEDS from a file save_embeds wrote, or from a .ipadpt file loaded weights-only (no pickled
+    code can run); ValueError naming the file and what it holds otherwise."""
+    name = os.path.basename(path)
+    try:
+        if path.lower().endswith(".safetensors"):
+            from safetensors.torch import load_file
+            loaded = load_file(path).get(EMBEDS_KEY)
+        else:
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # a damaged file, or a pickle that asks for code, which weights-only refuses
+        raise ValueError(f"embeds: {name} is not a readable embeds file "
+                         f"({type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''})") from None
+    if not isinstance(loaded, torch.Tensor) or loaded.ndim not in (2, 3) or not loaded.is_floating_point():
+        raise ValueError(f"embeds: {name} does not hold one float tensor [n, E] or [n, N, E] under '{EMBEDS_KEY}'")
+    return loaded.float()

@@ -86,20 +86,24 @@ def encode_images(adapter: LoadedAdapter, clip_vision, image: torch.Tensor, outp
     return torch.cat(parts).float().cpu()
 
 
-def neutral_embeds(adapter: LoadedAdapter, clip_vision, like: torch.Tensor) -> torch.Tensor:
+def neutral_embeds(adapter: LoadedAdapter, clip_vision, like: torch.Tensor, output: str | None = None,
+                   encoder: str | None = None) -> torch.Tensor:
     """The unconditional embeds of the reference implementations, shaped like ``like``: zeros for pooled
     and face embeds; for hidden states, the encoding of an image of CLIP's mean colour (zeros after CLIP's
     normalisation), which is what the official code feeds."""
-    if adapter.file.variant.encoder_output != "penultimate":
+    if (output or adapter.file.variant.encoder_output) != "penultimate":
         return torch.zeros_like(like)
     neutral = torch.tensor(prep.CLIP_MEAN).expand(1, 224, 224, 3)
-    return encode_images(adapter, clip_vision, neutral, "penultimate").expand_as(like)
+    return encode_images(adapter, clip_vision, neutral, "penultimate", encoder=encoder).expand_as(like)
 
 
 def reference_embeds(adapter: LoadedAdapter, clip_vision, image: torch.Tensor,
                      negative: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Cond and uncond CLIP embeds of reference images: the output the variant reads, and for uncond
     the encoding of ``negative`` if given, else the neutral embeds."""
+    if adapter.file.variant.encoder_output == "face":
+        raise ValueError(f"ipadapter: {adapter.file.name} is a FaceID adapter: it reads face embeddings, not "
+                         f"CLIP image embeds; use Apply IP-Adapter FaceID")
     clip_vision = clip_vision_for(adapter, clip_vision)
     output = adapter.file.variant.encoder_output
     embeds = encode_images(adapter, clip_vision, image, output)
@@ -122,6 +126,7 @@ def image_tokens(adapter: LoadedAdapter, embeds: torch.Tensor, uncond: torch.Ten
     uncond = uncond[torch.arange(embeds.shape[0]) % uncond.shape[0]]
     if not unfold:
         embeds, uncond = combine_embeds(embeds, combine), combine_embeds(uncond, combine)
+        clip_hidden = clip_hidden and tuple(combine_embeds(h, combine) for h in clip_hidden)
 
     def project(x, hidden):
         x = x.float().cpu()
