@@ -258,3 +258,43 @@ def test_real_sd15_layout_matches_diffusers(host, tmp_path, stem):
     theirs = full.run_diffusers([state], [1.0], [_diffusers_embeds(adapter.variant, uncond, cond)], x, t, context)
     assert (ours - plain).abs().max() > 100 * (ours - theirs).abs().max()
     torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-4)
+
+
+def test_unfolded_batch_gives_each_latent_its_image_like_diffusers(tiny, tmp_path):
+    """unfold_batch: latent i of each chunk gets image i; diffusers takes one image per batch row."""
+    g = torch.Generator().manual_seed(10)
+    x, t, context = torch.randn(4, 4, 8, 8, generator=g), torch.full((4,), 421.0), torch.randn(4, 77, 768, generator=g)
+    adapter, state = tiny.adapter("ip-adapter-plus_sd15", 101, tmp_path)
+    nodes = pack_module("nodes.ipadapter_nodes")
+    loaded = nodes.LoadedAdapter(adapter, tiny.projection.build_projection(adapter.variant, adapter.image_proj))
+    cond, uncond = embeds_for(adapter.variant, g, 2), embeds_for(adapter.variant, g, 2)
+    tokens = nodes.image_tokens(loaded, cond, uncond, unfold=True)
+    assert tokens[0].shape[0] == 2
+    patched = tiny.patch.patch_model(tiny.model, adapter, nodes.adapter_spec(tiny.model, loaded, *tokens, 1.0))
+    ours = tiny.run_host(patched, x, t, context, cond_or_uncond=[1, 0])  # rows: uncond 0, 1; cond 0, 1
+    theirs = tiny.run_diffusers([state], [1.0], [torch.cat([uncond, cond]).unsqueeze(1)], x, t, context)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-4)
+    # one weight per image: rows of image 0 as diffusers at scale 0.3, rows of image 1 at 1.2
+    weighted = nodes.adapter_spec(tiny.model, loaded, *tokens, [0.3, 1.2])
+    ours = tiny.run_host(tiny.patch.patch_model(tiny.model, adapter, weighted), x, t, context, cond_or_uncond=[1, 0])
+    embeds = [torch.cat([uncond, cond]).unsqueeze(1)]
+    low = tiny.run_diffusers([state], [0.3], embeds, x, t, context)
+    high = tiny.run_diffusers([state], [1.2], embeds, x, t, context)
+    torch.testing.assert_close(ours[[0, 2]], low[[0, 2]], rtol=0, atol=1e-4)
+    torch.testing.assert_close(ours[[1, 3]], high[[1, 3]], rtol=0, atol=1e-4)
+
+
+def test_written_block_weights_match_diffusers_per_layer_scales(tiny, tmp_path):
+    x, t, context, g = inputs(11)
+    adapter, state = tiny.adapter("ip-adapter_sd15", 111, tmp_path)
+    cond, uncond = embeds_for(adapter.variant, g), embeds_for(adapter.variant, g)
+    spec = tiny.node_spec(adapter, cond, uncond, 2.0, block_weights="0:1.0, 2:0.25")
+    expected = [2.0 * {0: 1.0, 2: 0.25}.get(b, 0.0) for b in TINY_BLOCKS]
+    assert list(spec.layer_weights) == expected
+    ours = tiny.run_host(tiny.patch.patch_model(tiny.model, adapter, spec), x, t, context, [1, 0])
+    theirs = tiny.run_diffusers([state], None, [_diffusers_embeds(adapter.variant, uncond, cond)], x, t, context,
+                                layer_scales=expected)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-4)
+    with pytest.raises(ValueError, match=r"layer_weights: '7:1' is not 'index:weight' with an attention block index "
+                                         r"0..3"):
+        tiny.node_spec(adapter, cond, uncond, 1.0, block_weights="7:1")
