@@ -13,6 +13,7 @@ Predictions are tensors of one shape, e.g. [B, C, H, W]; scales are floats. Noth
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -36,9 +37,16 @@ def rescale(guided: torch.Tensor, text_image: torch.Tensor, factor: float) -> to
     to ε predictions, as diffusers' ``guidance_rescale`` does; 0 returns ``guided`` unchanged."""
     if factor == 0:
         return guided
-    dims = tuple(range(1, guided.ndim))
-    matched = guided * (text_image.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True))
+    matched = guided * (sample_std(text_image) / sample_std(guided))
     return factor * matched + (1 - factor) * guided
+
+
+def sample_std(x: torch.Tensor) -> torch.Tensor:
+    """Unbiased std of each sample of ``x`` [B, ...] over all but the batch dim, [B, 1, ...]. Written out:
+    ``Tensor.std`` over several dims reads a scalar back to the host on the CPU."""
+    dims = tuple(range(1, x.ndim))
+    centered = x - x.mean(dim=dims, keepdim=True)
+    return (centered.square().sum(dim=dims, keepdim=True) / (x[0].numel() - 1)).sqrt()
 
 
 def guide_denoised(x: torch.Tensor, sigma: torch.Tensor, null: torch.Tensor | None, image: torch.Tensor,
@@ -57,9 +65,10 @@ def guide_denoised(x: torch.Tensor, sigma: torch.Tensor, null: torch.Tensor | No
     return x - rescale(eps, to_eps(text_image), rescale_factor) * s
 
 
-def schedule_progress(sigma: float, sigmas: torch.Tensor) -> float:
-    """Where ``sigma`` lies in a descending schedule ``sigmas`` [N + 1], in [0, 1]: 0 at the first of the N
-    steps, 1 at the last, linear in σ between steps (for samplers that evaluate in between)."""
+def schedule_progress(sigma: float, sigmas: Sequence[float]) -> float:
+    """Where ``sigma`` lies in a descending schedule ``sigmas`` (N + 1 values), in [0, 1]: 0 at the first of
+    the N steps, 1 at the last, linear in σ between steps (for samplers that evaluate in between). Give a
+    list of floats on the sampling path: a tensor costs one host read per element."""
     steps = [float(s) for s in sigmas[:-1]]
     if len(steps) < 2 or sigma >= steps[0]:
         return 0.0
@@ -97,7 +106,7 @@ class EditGuidance:
         if self.interval[0] < self.interval[1]:
             raise ValueError(f"interval: (high, low) = {self.interval} has high below low")
 
-    def scales(self, sigma: float, sigmas: torch.Tensor | None) -> tuple[float, float]:
+    def scales(self, sigma: float, sigmas: Sequence[float] | None) -> tuple[float, float]:
         """(s_T, s_I) at ``sigma`` of the schedule ``sigmas``; s_I is 1 outside the interval."""
         progress = 0.0 if sigmas is None or self.schedule == "constant" else schedule_progress(sigma, sigmas)
 

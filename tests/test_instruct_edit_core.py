@@ -10,6 +10,7 @@ import torch
 from instruct_edit.guidance import EditGuidance, guide_denoised, rescale, schedule_progress, scheduled, three_way
 from instruct_edit.latent import (RESOLUTION_POLICIES, apply_resolution_policy, conditioning_latent, crop_to_multiple,
                                   fit, null_image_latent, paper_size)
+from instruct_edit.mask import edit_mask, feather_inward
 
 pytestmark = pytest.mark.unit
 
@@ -140,3 +141,28 @@ def test_paper_policy_resizes_and_crops_to_the_paper_size():
     assert wide.shape == (1, 64, 64, 3)
     with pytest.raises(ValueError, match="resolution: 'stretch' is not one of"):
         apply_resolution_policy(image, "stretch")
+
+
+def test_feather_rises_inside_the_mask_and_leaves_the_outside_at_zero():
+    mask = torch.zeros(1, 32, 40)
+    mask[:, 8:28, 4:40] = 1  # touches the right border: no ramp there
+    feathered = feather_inward(mask, 4)
+    assert not feathered[mask == 0].any()
+    assert torch.equal(feather_inward(mask, 0), mask)
+    row = feathered[0, 18]  # left edge at column 4, right edge on the image border
+    torch.testing.assert_close(row[4:10], torch.tensor([0, 0.25, 0.5, 0.75, 1, 1]))
+    assert (row[10:] == 1).all()
+    column = feathered[0, :, 20]  # top edge at row 8, bottom edge at row 27
+    torch.testing.assert_close(column[8:13], torch.tensor([0, 0.25, 0.5, 0.75, 1]))
+    torch.testing.assert_close(column[23:28], torch.tensor([1, 0.75, 0.5, 0.25, 0]))
+    with pytest.raises(ValueError, match="feather: -1 pixels is negative"):
+        feather_inward(mask, -1)
+
+
+def test_edit_mask_is_sized_like_the_image():
+    mask = torch.zeros(24, 36)
+    mask[:, 18:] = 1  # the right half of a 24 x 36 mask
+    crop = edit_mask(mask, (70, 83), RESOLUTION_POLICIES[0], 512, radius=0)  # resized to 70 x 83, cropped to 64 x 80
+    assert crop.shape == (1, 64, 80) and not crop[:, :, :36].any() and (crop[:, :, 42:] == 1).all()
+    paper = edit_mask(mask, (70, 83), RESOLUTION_POLICIES[1], 128, radius=0)
+    assert paper.shape == (1, 128, 128)  # as the image: 70 x 83 -> 128 x 128

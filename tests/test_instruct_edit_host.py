@@ -49,7 +49,7 @@ def case(seed: int):
 
 
 def our_guider(host, model, c, **scales):
-    positive, image_only, negative, _ = run_node(host, "InstructEditConditioning", positive=[[c.text, {}]],
+    positive, image_only, negative, *_ = run_node(host, "InstructEditConditioning", positive=[[c.text, {}]],
                                                  negative=[[c.null, {}]], latent={"samples": c.image_latent})
     (guider,) = run_node(host, "InstructEditGuider", model=model, positive=positive, image_only=image_only,
                          negative=negative, **scales)
@@ -108,9 +108,11 @@ def record_batches(model):
     return clone, calls
 
 
-def diffusers_edit(model, sampling, c, sigmas, text_scale, image_scale, forced=None):
+def diffusers_edit(model, sampling, c, sigmas, text_scale, image_scale, forced=None, unet=None, ip_adapter_embeds=None):
     """diffusers' pipeline on the host's σ: (noisy latent and guided ε of each step, final latents). ``forced``
-    [x_0, x_1, ...]: the latents to continue from after each step (teacher forcing) instead of its own."""
+    [x_0, x_1, ...]: the latents to continue from after each step (teacher forcing) instead of its own.
+    ``unet``: a diffusers twin to use (e.g. with an IP-Adapter loaded), then given ``ip_adapter_embeds``: CLIP
+    outputs [cond; uncond; uncond] as the pipeline takes them (it pairs them with its own batch)."""
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionInstructPix2PixPipeline
     scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                        timestep_spacing="leading")  # "leading": initial noise σ = sqrt(σ_max² + 1)
@@ -129,18 +131,29 @@ def diffusers_edit(model, sampling, c, sigmas, text_scale, image_scale, forced=N
     scheduler.step = recording_step
     vae = AutoencoderKL(block_out_channels=(32,), down_block_types=("DownEncoderBlock2D",),
                         up_block_types=("UpDecoderBlock2D",), latent_channels=4)  # only its config is read
-    pipe = StableDiffusionInstructPix2PixPipeline(vae=vae, text_encoder=None, tokenizer=None,
-                                                  unet=diffusers_twin(model, dict(TINY_DIFFUSERS, in_channels=8)),
+    unet = unet or diffusers_twin(model, dict(TINY_DIFFUSERS, in_channels=8))
+    pipe = StableDiffusionInstructPix2PixPipeline(vae=vae, text_encoder=None, tokenizer=None, unet=unet,
                                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                                   requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
 
     def force(pipe, i, t, tensors):
         return {"latents": forced[i + 1]} if forced is not None and i + 1 < len(forced) else {}
+    adapter_inputs = {}
+    if ip_adapter_embeds is not None:
+        adapter_inputs["ip_adapter_image_embeds"] = [ip_adapter_embeds]
+        # the pipeline orders the embeds as [cond, uncond, uncond] but then, given embeds instead of an image,
+        # does not pass them to its UNet (added_cond_kwargs is None): hand the UNet what it prepared
+        ordered = pipe.prepare_ip_adapter_image_embeds(None, [ip_adapter_embeds], "cpu", 1, True)
+        forward = unet.forward
+
+        def with_image_embeds(*args, added_cond_kwargs=None, **kwargs):
+            return forward(*args, added_cond_kwargs={"image_embeds": ordered}, **kwargs)
+        unet.forward = with_image_embeds
     with torch.no_grad():
         final = pipe(prompt_embeds=c.text, negative_prompt_embeds=c.null, image=c.image_latent, latents=c.noise,
                      num_inference_steps=len(sigmas) - 1, guidance_scale=text_scale, image_guidance_scale=image_scale,
-                     output_type="latent", callback_on_step_end=force).images
+                     output_type="latent", callback_on_step_end=force, **adapter_inputs).images
     return steps, final
 
 
@@ -221,7 +234,7 @@ def test_conditioning_node_encodes_like_the_hosts_ip2p_node(host, edit):
     text, null = [[torch.randn(1, 77, 768), {}]], [[torch.randn(1, 77, 768), {}]]
     host_pos, host_neg, host_latent = run_node(host, "InstructPixToPixConditioning", positive=text, negative=null,
                                                vae=edit.vae, pixels=image)
-    pos, image_only, neg, latent = run_node(host, "InstructEditConditioning", positive=text, negative=null,
+    pos, image_only, neg, latent, mask = run_node(host, "InstructEditConditioning", positive=text, negative=null,
                                             vae=edit.vae, image=image)
     expected = host_pos[0][1]["concat_latent_image"]
     assert expected.shape == (1, 4, 8, 10)
@@ -229,7 +242,8 @@ def test_conditioning_node_encodes_like_the_hosts_ip2p_node(host, edit):
     assert torch.equal(image_only[0][1]["concat_latent_image"], host_neg[0][1]["concat_latent_image"])
     assert image_only[0][0] is null[0][0] and neg[0][0] is null[0][0] and pos[0][0] is text[0][0]
     assert not neg[0][1]["concat_latent_image"].any() and neg[0][1]["concat_latent_image"].shape == expected.shape
-    assert torch.equal(latent["samples"], host_latent["samples"])
+    assert torch.equal(latent["samples"], host_latent["samples"]) and "noise_mask" not in latent
+    assert torch.equal(mask, torch.ones(1, 64, 80))  # no mask: the whole image may change
     assert "concat_latent_image" not in text[0][1] and "concat_latent_image" not in null[0][1]  # inputs untouched
     paper = run_node(host, "InstructEditConditioning", positive=text, negative=null, vae=edit.vae, image=image,
                      resolution="long side to target, multiples of 64", long_side=128)

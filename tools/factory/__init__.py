@@ -32,13 +32,16 @@ class FactoryModel:
 
 
 def _catalogue() -> dict[str, FactoryModel]:
-    from . import ipadapters
+    from . import edit_models, ipadapters
     entries = [
         FactoryModel("checkpoints/tiny_sd15.ckpt", lambda: hm.sd15_checkpoint(hm.TINY_SD15_UNET, seed=1),
                      ("v1-5-pruned-emaonly.safetensors", "v1-5-pruned-emaonly-fp16.safetensors")),
         FactoryModel("checkpoints/tiny_sd15_ip2p.ckpt",
                      lambda: hm.sd15_checkpoint(dict(hm.TINY_SD15_UNET, in_channels=8), seed=2),
                      ("instruct-pix2pix-00-22000.safetensors",)),
+        FactoryModel(f"diffusion_models/tiny_hq_edit/{HQ_EDIT_FILE}",
+                     lambda: edit_models.diffusers_unet(edit_models.TINY_SD15_EDIT_DIFFUSERS, seed=9),
+                     (f"HQ-Edit/{HQ_EDIT_FILE}", f"HQ-Edit/unet/{HQ_EDIT_FILE}")),
         FactoryModel("checkpoints/sd15_layout.ckpt", lambda: hm.sd15_checkpoint(hm.SD15_UNET, seed=3), heavy=True),
         FactoryModel("checkpoints/sdxl_layout.ckpt", lambda: hm.sdxl_checkpoint(hm.SDXL_UNET, seed=4), heavy=True),
         FactoryModel("controlnet/tiny_sd15_controlnet.pth", lambda: hm.controlnet(hm.TINY_SD15_UNET, seed=5),
@@ -62,6 +65,7 @@ def _catalogue() -> dict[str, FactoryModel]:
     return {e.name: e for e in entries}
 
 
+HQ_EDIT_FILE = "diffusion_pytorch_model.safetensors"  # a diffusers UNet folder's weights file
 # Cross-attention widths of the tiny SD1.5 UNet in adapter order (input 1, output 0, output 1, middle).
 TINY_SD15_WIDTHS = (320, 320, 320, 320)
 CATALOGUE = _catalogue()
