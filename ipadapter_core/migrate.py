@@ -163,8 +163,9 @@ class MigrationTable:
             if slot >= len(conversion.outputs) or conversion.outputs[slot] is None:
                 conversion.unsupported.append(rule.get("dropped_outputs", {}).get(
                     str(slot), f"output {slot}: {rule['to']} has no such output"))
+        situation = {**values, **{f"linked {name}": True for name in linked}}
         for note in rule.get("notes", []):
-            if _holds(note.get("when", {}), values):
+            if _holds(note.get("when", {}), situation):
                 (conversion.unsupported if note.get("unsupported") else conversion.differences).append(note["text"])
         if rule.get("apply"):
             conversion.differences += self._apply_differences(rule, conversion.values)
@@ -189,17 +190,20 @@ class MigrationTable:
         """The middle block: that pack registered its patch under a block key the host never calls, so
         its middle block never saw the image; ours does, at the weight the weight type gives it."""
         kind = _evaluate(rule.get("weight_type_of", {"from": "weight_type"}), values)
+        weight = values.get(rule.get("weight_of", "weight"), 1.0)
+        weight, unit = (weight, "") if isinstance(weight, (int, float)) else (1.0, " x weight")
         shares = []
         for layout, (block, blocks) in MIDDLE_BLOCK.items():
             try:
                 if values.get("layer_weights", "").strip():
-                    share = parse_block_weights(values["layer_weights"], blocks).get(block, 0.0)
+                    share = weight * parse_block_weights(values["layer_weights"], blocks).get(block, 0.0)
                 else:
-                    share = layer_weights(kind, 1.0, [("middle", block)], blocks, 1.0).weights[0]
+                    share = layer_weights(kind, weight, [("middle", block)], blocks,
+                                          values.get("composition_weight")).weights[0]
             except ValueError:  # block indices of the other layout
                 continue
             if share:
-                shares.append(f"{layout} block {block} at {share:.3g} x weight")
+                shares.append(f"{layout} block {block} gets {share:.3g}{unit}")
         notes = list(self.apply_notes["always"])
         if shares:
             notes.insert(0, f"{self.apply_notes['middle_block']} ({kind}: {', '.join(shares)})")

@@ -1,0 +1,787 @@
+"""Graphs built with ComfyUI_IPAdapter_plus, written here in that pack's own formats, migrate to this pack's
+nodes and run on the real headless host; a UI graph keeps every link; migrating twice changes nothing; the
+report names what differs and what is not supported."""
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+from ipadapter_core.migrate import MigrationTable, is_api_workflow, migrate, our_schema
+from tools import comfy_host
+from tools.run_example import map_to_stand_ins
+
+REPO = comfy_host.REPO_ROOT
+APPLY = "model:MODEL ipadapter:IPADAPTER image:IMAGE image_negative:IMAGE attn_mask:MASK clip_vision:CLIP_VISION"
+FACE = APPLY + " insightface:INSIGHTFACE"
+EMBEDS_IN = "model:MODEL ipadapter:IPADAPTER pos_embed:EMBEDS neg_embed:EMBEDS attn_mask:MASK clip_vision:CLIP_VISION"
+STYLE_IN = ("model:MODEL ipadapter:IPADAPTER image_style:IMAGE image_composition:IMAGE image_negative:IMAGE "
+            "attn_mask:MASK clip_vision:CLIP_VISION")
+LOADER_IN = "model:MODEL ipadapter:IPADAPTER"
+WEIGHTS_OUT = ("weights:FLOAT weights_invert:FLOAT total_frames:INT image_1:IMAGE image_2:IMAGE "
+               "weights_strategy:WEIGHTS_STRATEGY")
+# That pack's nodes as its INPUT_TYPES / RETURN_TYPES define them (IPAdapterPlus.py, commit 9d076a3),
+# transcribed by hand: link inputs (required, then optional), widgets in order, outputs.
+CUBIQ = {
+    "IPAdapter": ("model:MODEL ipadapter:IPADAPTER image:IMAGE attn_mask:MASK", "weight start_at end_at weight_type",
+                  "MODEL:MODEL"),
+    "IPAdapterAdvanced": (APPLY, "weight weight_type combine_embeds start_at end_at embeds_scaling", "MODEL:MODEL"),
+    "IPAdapterBatch": (APPLY, "weight weight_type start_at end_at embeds_scaling encode_batch_size", "MODEL:MODEL"),
+    "IPAdapterFaceID": (FACE, "weight weight_faceidv2 weight_type combine_embeds start_at end_at embeds_scaling",
+                        "MODEL:MODEL face_image:IMAGE"),
+    "IPAAdapterFaceIDBatch": (FACE, "weight weight_faceidv2 weight_type combine_embeds start_at end_at "
+                                    "embeds_scaling", "MODEL:MODEL face_image:IMAGE"),
+    "IPAdapterFaceIDKolors": (FACE, "weight weight_faceidv2 weight_kolors weight_type combine_embeds start_at end_at "
+                                    "embeds_scaling", "MODEL:MODEL face_image:IMAGE"),
+    "IPAdapterTiled": (APPLY, "weight weight_type combine_embeds start_at end_at sharpening embeds_scaling",
+                       "MODEL:MODEL tiles:IMAGE masks:MASK"),
+    "IPAdapterTiledBatch": (APPLY, "weight weight_type start_at end_at sharpening embeds_scaling encode_batch_size",
+                            "MODEL:MODEL tiles:IMAGE masks:MASK"),
+    "IPAdapterEmbeds": (EMBEDS_IN, "weight weight_type start_at end_at embeds_scaling", "MODEL:MODEL"),
+    "IPAdapterEmbedsBatch": (EMBEDS_IN, "weight weight_type start_at end_at embeds_scaling", "MODEL:MODEL"),
+    "IPAdapterStyleComposition": (STYLE_IN, "weight_style weight_composition expand_style combine_embeds start_at "
+                                            "end_at embeds_scaling", "MODEL:MODEL"),
+    "IPAdapterStyleCompositionBatch": (STYLE_IN, "weight_style weight_composition expand_style start_at end_at "
+                                                 "embeds_scaling", "MODEL:MODEL"),
+    "IPAdapterMS": (FACE, "weight weight_faceidv2 weight_type combine_embeds start_at end_at embeds_scaling "
+                          "layer_weights", "MODEL:MODEL"),
+    "IPAdapterClipVisionEnhancer": (APPLY, "weight weight_type combine_embeds start_at end_at embeds_scaling "
+                                           "enhance_tiles enhance_ratio", "MODEL:MODEL"),
+    "IPAdapterClipVisionEnhancerBatch": (APPLY, "weight weight_type start_at end_at embeds_scaling enhance_tiles "
+                                                "enhance_ratio encode_batch_size", "MODEL:MODEL"),
+    "IPAdapterFromParams": ("model:MODEL ipadapter:IPADAPTER ipadapter_params:IPADAPTER_PARAMS image_negative:IMAGE "
+                            "clip_vision:CLIP_VISION", "combine_embeds embeds_scaling", "MODEL:MODEL"),
+    "IPAdapterPreciseStyleTransfer": (APPLY, "weight style_boost combine_embeds start_at end_at embeds_scaling",
+                                      "MODEL:MODEL"),
+    "IPAdapterPreciseStyleTransferBatch": (APPLY, "weight style_boost combine_embeds start_at end_at embeds_scaling",
+                                           "MODEL:MODEL"),
+    "IPAdapterPreciseComposition": (APPLY, "weight composition_boost combine_embeds start_at end_at embeds_scaling",
+                                    "MODEL:MODEL"),
+    "IPAdapterPreciseCompositionBatch": (APPLY, "weight composition_boost combine_embeds start_at end_at "
+                                                "embeds_scaling", "MODEL:MODEL"),
+    "IPAdapterUnifiedLoader": (LOADER_IN, "preset", "model:MODEL ipadapter:IPADAPTER"),
+    "IPAdapterUnifiedLoaderFaceID": (LOADER_IN, "preset lora_strength provider", "MODEL:MODEL ipadapter:IPADAPTER"),
+    "IPAdapterUnifiedLoaderCommunity": (LOADER_IN, "preset", "model:MODEL ipadapter:IPADAPTER"),
+    "IPAdapterModelLoader": ("", "ipadapter_file", "IPADAPTER:IPADAPTER"),
+    "IPAdapterInsightFaceLoader": ("", "provider model_name", "INSIGHTFACE:INSIGHTFACE"),
+    "IPAdapterEncoder": ("ipadapter:IPADAPTER image:IMAGE mask:MASK clip_vision:CLIP_VISION", "weight",
+                         "pos_embed:EMBEDS neg_embed:EMBEDS"),
+    "IPAdapterCombineEmbeds": (" ".join(f"embed{i}:EMBEDS" for i in range(1, 6)), "method", "EMBEDS:EMBEDS"),
+    "IPAdapterNoise": ("image_optional:IMAGE", "type strength blur", "IMAGE:IMAGE"),
+    "PrepImageForClipVision": ("image:IMAGE", "interpolation crop_position sharpening", "IMAGE:IMAGE"),
+    "IPAdapterSaveEmbeds": ("embeds:EMBEDS", "filename_prefix", ""),
+    "IPAdapterLoadEmbeds": ("", "embeds", "EMBEDS:EMBEDS"),
+    "IPAdapterWeights": ("image:IMAGE", "weights timing frames start_frame end_frame add_starting_frames "
+                                        "add_ending_frames method", WEIGHTS_OUT),
+    "IPAdapterWeightsFromStrategy": ("weights_strategy:WEIGHTS_STRATEGY image:IMAGE", "", WEIGHTS_OUT),
+    "IPAdapterPromptScheduleFromWeightsStrategy": ("weights_strategy:WEIGHTS_STRATEGY", "prompt",
+                                                   "prompt_schedule:STRING"),
+    "IPAdapterCombineWeights": ("", "weights_1 weights_2", "weights:FLOAT count:INT"),
+    "IPAdapterRegionalConditioning": ("image:IMAGE mask:MASK positive:CONDITIONING negative:CONDITIONING",
+                                      "image_weight prompt_weight weight_type start_at end_at",
+                                      "IPADAPTER_PARAMS:IPADAPTER_PARAMS POSITIVE:CONDITIONING NEGATIVE:CONDITIONING"),
+    "IPAdapterCombineParams": (" ".join(f"params_{i}:IPADAPTER_PARAMS" for i in range(1, 6)), "",
+                               "IPADAPTER_PARAMS:IPADAPTER_PARAMS"),
+}
+# The host's nodes these graphs use: link inputs and outputs.
+HOST = {
+    "CheckpointLoaderSimple": ("", "MODEL:MODEL CLIP:CLIP VAE:VAE"),
+    "CLIPTextEncode": ("clip:CLIP", "CONDITIONING:CONDITIONING"),
+    "CLIPVisionLoader": ("", "CLIP_VISION:CLIP_VISION"),
+    "LoadImage": ("", "IMAGE:IMAGE MASK:MASK"),
+    "ImageBatch": ("image1:IMAGE image2:IMAGE", "IMAGE:IMAGE"),
+    "ImageScale": ("image:IMAGE", "IMAGE:IMAGE"),
+    "SolidMask": ("", "MASK:MASK"),
+    "EmptyLatentImage": ("", "LATENT:LATENT"),
+    "KSampler": ("model:MODEL positive:CONDITIONING negative:CONDITIONING latent_image:LATENT", "LATENT:LATENT"),
+    "VAEDecode": ("samples:LATENT vae:VAE", "IMAGE:IMAGE"),
+    "SaveImage": ("images:IMAGE", ""),
+    "Reroute": (":*", ":*"),
+}
+# The node types the issue lists (those used in that pack's own example workflows).
+ISSUE_TYPES = ("IPAdapter IPAdapterAdvanced IPAdapterUnifiedLoader IPAdapterUnifiedLoaderFaceID IPAdapterModelLoader "
+               "IPAdapterInsightFaceLoader IPAdapterFaceID IPAdapterFaceIDKolors IPAdapterEmbeds IPAdapterEncoder "
+               "IPAdapterCombineEmbeds IPAdapterBatch IPAdapterWeights IPAdapterTiled IPAdapterNoise "
+               "IPAdapterStyleComposition IPAdapterPreciseComposition IPAdapterMS IPAdapterRegionalConditioning "
+               "IPAdapterCombineParams IPAdapterFromParams PrepImageForClipVision IPAdapterClipVisionEnhancer").split()
+CHECKPOINT, ADAPTER = "v1-5-pruned-emaonly.safetensors", "ip-adapter-plus_sd15.safetensors"
+CLIP_H = "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors"
+SIZE = 128
+
+
+def sockets(text: str) -> list[tuple[str, str]]:
+    return [tuple(item.split(":")) for item in text.split()]
+
+
+class CubiqGraph:
+    """A UI-format graph as the editor saves it (links [id, origin, slot, target, slot, type])."""
+
+    def __init__(self):
+        self.nodes, self.links = [], []
+
+    def node(self, kind: str, *widgets, title: str | None = None, color: str | None = None) -> int:
+        inputs, outputs = (CUBIQ[kind][0], CUBIQ[kind][2]) if kind in CUBIQ else HOST[kind]
+        if kind in CUBIQ:
+            assert len(widgets) <= len(CUBIQ[kind][1].split()), kind
+        node_id = len(self.nodes) + 1
+        node = {"id": node_id, "type": kind, "pos": [210.5 * node_id, 40.0 * (node_id % 5)],
+                "size": [315, 98 + 7 * node_id], "flags": {}, "order": node_id - 1, "mode": 0,
+                "inputs": [{"name": name, "type": kind_, "link": None} for name, kind_ in sockets(inputs)],
+                "outputs": [{"name": name, "type": kind_, "links": [], "slot_index": slot}
+                            for slot, (name, kind_) in enumerate(sockets(outputs))],
+                "properties": {"Node name for S&R": kind}, "widgets_values": list(widgets)}
+        if title:
+            node["title"] = title
+        if color:
+            node.update(color=color, bgcolor=color)
+        self.nodes.append(node)
+        return node_id
+
+    def link(self, origin: int, slot: int, target: int, input_name: str, widget_type: str | None = None) -> int:
+        """Link an output to an input; ``widget_type`` links a widget (the editor adds a socket for it)."""
+        source, sink = self.nodes[origin - 1], self.nodes[target - 1]
+        names = [item["name"] for item in sink["inputs"]]
+        if input_name not in names:
+            assert widget_type, f"{sink['type']} has no input {input_name}"
+            sink["inputs"].append({"name": input_name, "type": widget_type, "widget": {"name": input_name},
+                                   "link": None})
+            names.append(input_name)
+        link_id = len(self.links) + 1
+        kind = source["outputs"][slot]["type"]
+        self.links.append([link_id, origin, slot, target, names.index(input_name), kind])
+        sink["inputs"][names.index(input_name)]["link"] = link_id
+        source["outputs"][slot]["links"].append(link_id)
+        return link_id
+
+    def workflow(self) -> dict:
+        return {"last_node_id": len(self.nodes), "last_link_id": len(self.links), "nodes": self.nodes,
+                "links": self.links, "groups": [{"title": "Image prompt", "bounding": [0, 0, 900, 400],
+                                                 "color": "#3f789e", "font_size": 24, "flags": {}}],
+                "config": {}, "extra": {"ds": {"scale": 1.0, "offset": [0, 0]}}, "version": 0.4}
+
+
+def sampler_tail(graph: CubiqGraph, model: tuple[int, int], checkpoint: int, batch: int | None = 1,
+                 positive: tuple[int, int] | None = None, negative: tuple[int, int] | None = None) -> int:
+    """Prompts, latent, KSampler, decode, save; returns the latent node (for a linked batch size)."""
+    if positive is None:
+        positive = (graph.node("CLIPTextEncode", "a cabin in the snow"), 0)
+        graph.link(checkpoint, 1, positive[0], "clip")
+    if negative is None:
+        negative = (graph.node("CLIPTextEncode", "blurry"), 0)
+        graph.link(checkpoint, 1, negative[0], "clip")
+    latent = graph.node("EmptyLatentImage", SIZE, SIZE, batch or 1)
+    sampler = graph.node("KSampler", 42, "fixed", 2, 5.0, "euler", "normal", 1.0)
+    graph.link(model[0], model[1], sampler, "model")
+    graph.link(positive[0], positive[1], sampler, "positive")
+    graph.link(negative[0], negative[1], sampler, "negative")
+    graph.link(latent, 0, sampler, "latent_image")
+    decode = graph.node("VAEDecode")
+    graph.link(sampler, 0, decode, "samples")
+    graph.link(checkpoint, 2, decode, "vae")
+    save = graph.node("SaveImage", "migrated")
+    graph.link(decode, 0, save, "images")
+    return latent
+
+
+def graph_simple() -> dict:
+    """Unified loader, the simple node with a mask, 'prompt is more important' (ease out)."""
+    g = CubiqGraph()
+    checkpoint = g.node("CheckpointLoaderSimple", CHECKPOINT)
+    loader = g.node("IPAdapterUnifiedLoader", "PLUS (high strength)", title="IPAdapter loader", color="#232")
+    g.link(checkpoint, 0, loader, "model")
+    image = g.node("LoadImage", "reference.png", "image")
+    mask = g.node("SolidMask", 1.0, SIZE, SIZE)
+    apply = g.node("IPAdapter", 0.8, 0.0, 1.0, "prompt is more important", title="Image prompt")
+    g.link(loader, 0, apply, "model")
+    g.link(loader, 1, apply, "ipadapter")
+    g.link(image, 0, apply, "image")
+    g.link(mask, 0, apply, "attn_mask")
+    sampler_tail(g, (apply, 0), checkpoint)
+    return g.workflow()
+
+
+def graph_advanced() -> dict:
+    """Model loader and CLIP vision loader through a reroute, two prepped references averaged, a noise
+    image as the negative, K+V scaling."""
+    g = CubiqGraph()
+    checkpoint = g.node("CheckpointLoaderSimple", CHECKPOINT)
+    adapter = g.node("IPAdapterModelLoader", ADAPTER)
+    reroute = g.node("Reroute")
+    g.link(adapter, 0, reroute, "")
+    clip_vision = g.node("CLIPVisionLoader", CLIP_H)
+    image = g.node("LoadImage", "reference.png", "image")
+    wide = g.node("ImageScale", "bilinear", 192, 96, "disabled")
+    g.link(image, 0, wide, "image")
+    prep = g.node("PrepImageForClipVision", "LANCZOS", "top", 0.15)
+    g.link(wide, 0, prep, "image")
+    both = g.node("ImageBatch")
+    g.link(prep, 0, both, "image1")
+    g.link(image, 0, both, "image2")
+    noise = g.node("IPAdapterNoise", "fade", 0.3, 5)
+    g.link(image, 0, noise, "image_optional")
+    apply = g.node("IPAdapterAdvanced", 0.7, "ease in", "average", 0.0, 0.9, "K+V")
+    g.link(checkpoint, 0, apply, "model")
+    g.link(reroute, 0, apply, "ipadapter")
+    g.link(both, 0, apply, "image")
+    g.link(noise, 0, apply, "image_negative")
+    g.link(clip_vision, 0, apply, "clip_vision")
+    sampler_tail(g, (apply, 0), checkpoint)
+    return g.workflow()
+
+
+def graph_embeds() -> dict:
+    """Two encodings (one masked) combined by average, applied as embeds with the first's negative."""
+    g = CubiqGraph()
+    checkpoint = g.node("CheckpointLoaderSimple", CHECKPOINT)
+    loader = g.node("IPAdapterUnifiedLoader", "PLUS (high strength)")
+    g.link(checkpoint, 0, loader, "model")
+    image = g.node("LoadImage", "reference.png", "image")
+    mask = g.node("SolidMask", 0.5, 96, 96)
+    first, second = g.node("IPAdapterEncoder", 1.5), g.node("IPAdapterEncoder", 0.6)
+    for encoder in (first, second):
+        g.link(loader, 1, encoder, "ipadapter")
+        g.link(image, 0, encoder, "image")
+    g.link(mask, 0, second, "mask")
+    combine = g.node("IPAdapterCombineEmbeds", "average")
+    g.link(first, 0, combine, "embed1")
+    g.link(second, 0, combine, "embed2")
+    apply = g.node("IPAdapterEmbeds", 0.8, "linear", 0.0, 1.0)   # saved before embeds_scaling existed
+    g.link(loader, 0, apply, "model")
+    g.link(loader, 1, apply, "ipadapter")
+    g.link(combine, 0, apply, "pos_embed")
+    g.link(first, 1, apply, "neg_embed")
+    sampler_tail(g, (apply, 0), checkpoint)
+    return g.workflow()
+
+
+def graph_batch_weights() -> dict:
+    """Frame weights drive a batch node: weights into its weight widget, the frame count into the latent's
+    batch size, the repeated images into its image (that pack's animation pattern)."""
+    g = CubiqGraph()
+    checkpoint = g.node("CheckpointLoaderSimple", CHECKPOINT)
+    loader = g.node("IPAdapterUnifiedLoader", "PLUS (high strength)")
+    g.link(checkpoint, 0, loader, "model")
+    image = g.node("LoadImage", "reference.png", "image")
+    flipped = g.node("ImageScale", "nearest-exact", 96, 96, "center")
+    g.link(image, 0, flipped, "image")
+    both = g.node("ImageBatch")
+    g.link(image, 0, both, "image1")
+    g.link(flipped, 0, both, "image2")
+    weights = g.node("IPAdapterWeights", "1.0, 0.0", "linear", 2, 0, 9999, 0, 0, "full batch")
+    g.link(both, 0, weights, "image")
+    batch = g.node("IPAdapterBatch", 1.0, "linear", 0.0, 1.0, "V only", 0)
+    g.link(loader, 0, batch, "model")
+    g.link(loader, 1, batch, "ipadapter")
+    g.link(weights, 3, batch, "image")
+    g.link(weights, 0, batch, "weight", widget_type="FLOAT")
+    latent = sampler_tail(g, (batch, 0), checkpoint)
+    g.link(weights, 2, latent, "batch_size", widget_type="INT")
+    return g.workflow()
+
+
+UI_GRAPHS = {"simple": graph_simple, "advanced": graph_advanced, "embeds": graph_embeds,
+             "batch_weights": graph_batch_weights}
+
+
+def api_node(kind: str, **inputs) -> dict:
+    return {"class_type": kind, "inputs": inputs}
+
+
+def api_tail(prompt: dict, model: list, positive: list | None = None, negative: list | None = None) -> dict:
+    prompt.update({
+        "t1": api_node("CLIPTextEncode", text="a cabin in the snow", clip=["ckpt", 1]),
+        "t2": api_node("CLIPTextEncode", text="blurry", clip=["ckpt", 1]),
+        "lat": api_node("EmptyLatentImage", width=SIZE, height=SIZE, batch_size=1),
+        "ks": api_node("KSampler", seed=42, steps=2, cfg=5.0, sampler_name="euler", scheduler="normal", denoise=1.0,
+                       model=model, positive=positive or ["t1", 0], negative=negative or ["t2", 0],
+                       latent_image=["lat", 0]),
+        "dec": api_node("VAEDecode", samples=["ks", 0], vae=["ckpt", 2]),
+        "save": api_node("SaveImage", filename_prefix="migrated_api", images=["dec", 0]),
+    })
+    return prompt
+
+
+def api_base() -> dict:
+    return {"ckpt": api_node("CheckpointLoaderSimple", ckpt_name=CHECKPOINT),
+            "img": api_node("LoadImage", image="reference.png"),
+            "ipa": api_node("IPAdapterUnifiedLoader", preset="PLUS (high strength)", model=["ckpt", 0])}
+
+
+def api_tiled_and_enhancer() -> dict:
+    """A wide reference through the tiled node, the CLIP-vision enhancer at one tile, and the mad
+    scientist's per-block weights (the tiny UNet has 4 attention blocks)."""
+    prompt = api_base()
+    prompt.update({
+        "wide": api_node("ImageScale", upscale_method="bilinear", width=192, height=96, crop="disabled",
+                         image=["img", 0]),
+        "tiled": api_node("IPAdapterTiled", weight=0.7, weight_type="ease in", combine_embeds="concat", start_at=0.0,
+                          end_at=1.0, sharpening=0.1, embeds_scaling="V only", model=["ipa", 0],
+                          ipadapter=["ipa", 1], image=["wide", 0]),
+        "enh": api_node("IPAdapterClipVisionEnhancer", weight=0.5, weight_type="linear", combine_embeds="concat",
+                        start_at=0.0, end_at=1.0, embeds_scaling="K+mean(V) w/ C penalty", enhance_tiles=1,
+                        enhance_ratio=1.0, model=["tiled", 0], ipadapter=["ipa", 1], image=["img", 0]),
+        "ms": api_node("IPAdapterMS", weight=1.0, weight_faceidv2=1.0, weight_type="ease out", combine_embeds="concat",
+                       start_at=0.0, end_at=0.8, embeds_scaling="V only", layer_weights="0:1, 2:0.5, 3:0.25",
+                       model=["enh", 0], ipadapter=["ipa", 1], image=["img", 0]),
+    })
+    return api_tail(prompt, ["ms", 0])
+
+
+def api_regions() -> dict:
+    """Two regional conditionings (image + masked prompt) combined and applied from params."""
+    prompt = api_base()
+    prompt.update({
+        "m1": api_node("SolidMask", value=1.0, width=SIZE, height=SIZE),
+        "m2": api_node("SolidMask", value=0.5, width=SIZE, height=SIZE),
+        "r1": api_node("IPAdapterRegionalConditioning", image_weight=0.7, prompt_weight=1.0, weight_type="linear",
+                       start_at=0.0, end_at=1.0, image=["img", 0], mask=["m1", 0], positive=["t1", 0],
+                       negative=["t2", 0]),
+        "r2": api_node("IPAdapterRegionalConditioning", image_weight=0.5, prompt_weight=1.2, weight_type="ease in",
+                       start_at=0.1, end_at=1.0, image=["img", 0], mask=["m2", 0], positive=["r1", 1],
+                       negative=["r1", 2]),
+        "cp": api_node("IPAdapterCombineParams", params_1=["r1", 0], params_2=["r2", 0]),
+        "fp": api_node("IPAdapterFromParams", combine_embeds="concat", embeds_scaling="V only", model=["ipa", 0],
+                       ipadapter=["ipa", 1], ipadapter_params=["cp", 0]),
+    })
+    return api_tail(prompt, ["fp", 0], positive=["r2", 1], negative=["r2", 2])
+
+
+def api_embeds_files() -> dict:
+    """Embeds that pack saved (a torch.save'd tensor, .ipadpt) loaded and applied per image; an encoding
+    saved again."""
+    prompt = api_base()
+    prompt.update({
+        "load": api_node("IPAdapterLoadEmbeds", embeds="reference.ipadpt"),
+        "enc": api_node("IPAdapterEncoder", weight=1.0, ipadapter=["ipa", 1], image=["img", 0]),
+        "keep": api_node("IPAdapterSaveEmbeds", filename_prefix="migrated_embeds", embeds=["enc", 0]),
+        "emb": api_node("IPAdapterEmbedsBatch", weight=0.9, weight_type="ease in-out", start_at=0.0, end_at=1.0,
+                        embeds_scaling="K+V w/ C penalty", model=["ipa", 0], ipadapter=["ipa", 1],
+                        pos_embed=["load", 0], neg_embed=["enc", 1]),
+    })
+    return api_tail(prompt, ["emb", 0])
+
+
+API_GRAPHS = {"tiled_and_enhancer": api_tiled_and_enhancer, "regions": api_regions, "embeds_files": api_embeds_files}
+
+
+def table() -> MigrationTable:
+    return MigrationTable.load()
+
+
+def links_by_id(workflow: dict) -> dict:
+    return {link[0]: link for link in workflow["links"]}
+
+
+def assert_links_consistent(workflow: dict) -> None:
+    """Every link's two ends name it, and every socket's link exists (what the editor checks on load)."""
+    nodes, links = {node["id"]: node for node in workflow["nodes"]}, links_by_id(workflow)
+    for link_id, origin, origin_slot, target, target_slot, kind in links.values():
+        assert link_id in nodes[origin]["outputs"][origin_slot]["links"], (link_id, nodes[origin]["type"])
+        assert nodes[target]["inputs"][target_slot]["link"] == link_id, (link_id, nodes[target]["type"])
+        assert kind in (nodes[origin]["outputs"][origin_slot]["type"], "*"), link_id
+    for node in nodes.values():
+        for slot in node["inputs"]:
+            assert slot["link"] is None or slot["link"] in links
+        for slot in node["outputs"]:
+            assert all(link in links for link in slot["links"])
+
+
+def ui_to_api(workflow: dict, object_info: dict) -> dict:
+    """What the editor queues for a UI graph: widget values by the host's widget order (a seed's
+    control_after_generate value skipped), links by input name, reroutes followed."""
+    nodes, links = {node["id"]: node for node in workflow["nodes"]}, links_by_id(workflow)
+
+    def source(link_id):
+        _, origin, slot, *_ = links[link_id]
+        if nodes[origin]["type"] == "Reroute":
+            return source(nodes[origin]["inputs"][0]["link"])
+        return [str(origin), slot]
+
+    prompt = {}
+    for node in workflow["nodes"]:
+        if node["type"] == "Reroute":
+            continue
+        info, inputs = object_info[node["type"]], {}
+        values = iter(node.get("widgets_values") or [])
+        for section in ("required", "optional"):
+            for name in info["input_order"].get(section, []):
+                kind, options = (info["input"][section][name] + [{}])[:2]
+                if (isinstance(kind, list) or kind in ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")) \
+                        and not options.get("forceInput"):
+                    inputs[name] = next(values)
+                    if options.get("control_after_generate"):
+                        next(values)
+        for slot in node["inputs"]:
+            if slot.get("link") is not None:
+                inputs[slot["name"]] = source(slot["link"])
+        prompt[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}
+    return prompt
+
+
+def run_images(server, prompt: dict, count: int = 1) -> list:
+    prompt, _ = map_to_stand_ins(prompt)
+    files = server.output_files(server.run_prompt(prompt))
+    assert len(files) == count
+    sizes = []
+    for path in files:
+        with Image.open(path) as image:
+            sizes.append(image.size)
+    assert sizes == [(SIZE, SIZE)] * count
+    return files
+
+
+@pytest.fixture(scope="module")
+def object_info(server):
+    return server.get_json("/object_info")
+
+
+@pytest.fixture(scope="module")
+def saved_by_that_pack(server):
+    """Embeds files as that pack's Save Embeds wrote them (torch.save of the tensor) in the input folder:
+    penultimate CLIP ViT-H states [1, 257, 1280] and a face embedding [1, 512]."""
+    generator = torch.Generator().manual_seed(3)
+    torch.save(torch.randn(1, 257, 1280, generator=generator), server.base_dir / "input" / "reference.ipadpt")
+    torch.save(torch.randn(1, 512, generator=generator), server.base_dir / "input" / "face.ipadpt")
+    return server
+
+
+# --- the table ------------------------------------------------------------------------------------------
+
+@pytest.mark.unit
+def test_table_has_every_node_of_that_pack_with_its_widget_order_inputs_and_outputs():
+    nodes = table().nodes
+    assert set(nodes) == set(CUBIQ)
+    for kind, (inputs, widgets, outputs) in CUBIQ.items():
+        rule = nodes[kind]
+        assert [name for name, _ in rule["widgets"]] == widgets.split(), kind
+        if rule["to"] is None:
+            assert rule["unsupported"], kind
+            continue
+        assert rule["inputs"] == [name for name, _ in sockets(inputs)], kind
+        assert len(rule["outputs"]) == len(sockets(outputs)), kind
+
+
+@pytest.mark.unit
+def test_every_node_type_of_the_issue_is_mapped_and_migrated_in_a_graph_here():
+    nodes = table().nodes
+    used = {node["type"] for build in UI_GRAPHS.values() for node in build()["nodes"]}
+    used |= {node["class_type"] for build in API_GRAPHS.values() for node in build().values()}
+    used |= {node["class_type"] for build in (api_style_composition, api_faceid) for node in build().values()}
+    for kind in ISSUE_TYPES:
+        assert nodes[kind]["to"] is not None, kind
+    # these two need the insightface package to run; test_report_names_the_features_that_are_not_supported
+    # migrates them
+    assert set(ISSUE_TYPES) - used == {"IPAdapterFaceIDKolors", "IPAdapterInsightFaceLoader"}
+
+
+@pytest.mark.server
+def test_table_knows_our_nodes_as_the_host_serves_them(object_info):
+    ours = table().ours
+    missing = sorted(set(ours) - set(object_info))
+    assert not missing, f"nodes the table maps to that the host does not serve: {missing}"
+    for node_id, schema in ours.items():
+        assert our_schema(object_info[node_id]) == schema, f"{node_id}: the table's schema is out of date"
+
+
+# --- mapping and report -----------------------------------------------------------------------------------
+
+def only_node(workflow: dict, kind: str) -> dict:
+    (node,) = [node for node in workflow["nodes"] if node["type"] == kind]
+    return node
+
+
+def widget_map(node: dict) -> dict:
+    names = [spec["name"] for spec in table().widgets(node["type"])]
+    assert len(names) == len(node["widgets_values"])
+    return dict(zip(names, node["widgets_values"]))
+
+
+@pytest.mark.unit
+def test_widget_values_follow_that_packs_meaning():
+    migrated, _ = migrate(graph_simple())
+    apply = widget_map(only_node(migrated, "ImagePromptApply"))
+    assert apply == {"weight": 0.8, "weight_type": "ease out", "start_at": 0.0, "end_at": 1.0}
+    assert widget_map(only_node(migrated, "ImagePromptUnifiedLoader")) == {"preset": "PLUS"}
+    migrated, _ = migrate(graph_embeds())
+    embeds = widget_map(only_node(migrated, "ImagePromptApplyEmbeds"))
+    assert embeds["embeds_scaling"] == "V only" and embeds["unfold_batch"] is False  # padded: an older save
+    migrated, _ = migrate(graph_batch_weights())
+    batch = widget_map(only_node(migrated, "ImagePromptApplyAdvanced"))
+    assert batch["unfold_batch"] is True and batch["combine_embeds"] == "concat"
+
+    prompt, _ = migrate({
+        "1": api_node("IPAdapterPreciseComposition", weight=0.8, composition_boost=0.35, combine_embeds="add",
+                      start_at=0.1, end_at=0.9, embeds_scaling="K+V"),
+        "2": api_node("IPAdapterPreciseStyleTransfer", weight=1.1, style_boost=2.5, combine_embeds="concat",
+                      start_at=0.0, end_at=1.0, embeds_scaling="V only"),
+        "3": api_node("IPAdapterAdvanced", weight=0.6, weight_type="style transfer precise", combine_embeds="concat",
+                      start_at=0.0, end_at=1.0, embeds_scaling="V only"),
+        "4": api_node("IPAdapterStyleCompositionBatch", weight_style=1.2, weight_composition=0.9, expand_style=True,
+                      start_at=0.0, end_at=1.0, embeds_scaling="V only"),
+        "5": api_node("IPAdapterUnifiedLoaderFaceID", preset="FACEID PORTRAIT (style transfer)", lora_strength=0.5,
+                      provider="CUDA"),
+        "6": api_node("PrepImageForClipVision", interpolation="BOX", crop_position="pad", sharpening=0.2),
+    })
+    # that pack: composition_boost weighs the other blocks, weight the layout blocks
+    assert prompt["1"]["class_type"] == "ImagePromptApplyAdvanced"
+    assert {k: prompt["1"]["inputs"][k] for k in ("weight", "composition_weight", "weight_type", "combine_embeds")} \
+        == {"weight": 0.35, "composition_weight": 0.8, "weight_type": "composition precise", "combine_embeds": "add"}
+    # that pack: style_boost weighs the layout blocks
+    assert (prompt["2"]["inputs"]["weight"], prompt["2"]["inputs"]["composition_weight"]) == (1.1, 2.5)
+    # that pack's advanced node: a precise type's layout blocks get the weight itself
+    assert prompt["3"]["inputs"]["composition_weight"] == 0.6
+    assert prompt["4"]["inputs"]["expand_style"] is True and prompt["4"]["class_type"] == "ImagePromptStyleComposition"
+    assert prompt["5"]["inputs"]["preset"] == "FACEID PORTRAIT" and prompt["5"]["inputs"]["provider"] == "CUDA"
+    assert prompt["6"]["inputs"] == {"interpolation": "area", "crop_position": "pad", "sharpening": 0.2,
+                                     **{k: v for k, v in prompt["6"]["inputs"].items()
+                                        if k not in ("interpolation", "crop_position", "sharpening")}}
+
+
+def report_of(report: list, kind: str) -> list:
+    return [line for line in report if line.source == kind]
+
+
+@pytest.mark.unit
+def test_report_says_what_changes_in_behaviour():
+    _, report = migrate({
+        "1": api_node("IPAdapterAdvanced", weight=1.0, weight_type="ease in", combine_embeds="norm average",
+                      start_at=0.0, end_at=1.0, embeds_scaling="V only"),
+        "2": api_node("IPAdapterAdvanced", weight=1.0, weight_type="style transfer", combine_embeds="concat",
+                      start_at=0.0, end_at=1.0, embeds_scaling="V only"),
+        "3": api_node("IPAdapterPreciseComposition", weight=1.0, composition_boost=0.0, combine_embeds="concat",
+                      start_at=0.0, end_at=1.0, embeds_scaling="V only"),
+        "4": api_node("IPAdapterModelLoader", ipadapter_file=ADAPTER),
+        "5": api_node("IPAdapterAdvanced", weight=1.0, weight_type="weak middle", combine_embeds="concat",
+                      start_at=0.0, end_at=1.0, embeds_scaling="V only"),
+    })
+    lines = {line.where: line for line in report}
+    assert len(report) == 5 and lines["node 4"].status == "mapped" and not lines["node 4"].differences
+    ease_in = str(lines["node 1"])
+    assert lines["node 1"].status == "mapped with a difference in behaviour"
+    # ease in at attention block t of L: 0.05 + 0.95 (1 - t/L); the middle block is t = 6 of 16 (SD1.5)
+    assert "middle block now receives the image" in ease_in and "SD1.5 block 6 gets 0.644" in ease_in
+    assert "SDXL block 4 gets 0.655" in ease_in and "norm average" in ease_in
+    # style transfer leaves the middle block out on both bases: nothing changes there
+    assert "middle block" not in str(lines["node 2"])
+    # composition precise with a zero boost: the middle block gets boost x 0.1 = 0
+    assert "middle block" not in str(lines["node 3"])
+    assert "SD1.5 block 6 gets 0.2" in str(lines["node 5"])
+
+
+@pytest.mark.unit
+def test_report_names_the_features_that_are_not_supported():
+    g = CubiqGraph()
+    loader = g.node("IPAdapterModelLoader", ADAPTER)
+    image = g.node("LoadImage", "reference.png", "image")
+    enhancer = g.node("IPAdapterClipVisionEnhancer", 0.8, "linear", "concat", 0.0, 1.0, "V only", 2, 0.8)
+    face = g.node("IPAdapterInsightFaceLoader", "CPU", "antelopev2")
+    scientist = g.node("IPAdapterMS", 1.0, 1.0, "linear", "concat", 0.0, 1.0, "V only", "")
+    weights = g.node("IPAdapterWeights", "1.0, 0.0", "linear", 4, 0, 9999, 0, 0, "full batch")
+    strategy = g.node("IPAdapterWeightsFromStrategy")
+    kolors = g.node("IPAdapterFaceIDKolors", 1.0, 1.0, 0.5, "linear", "concat", 0.0, 1.0, "V only")
+    for node in (enhancer, scientist, kolors):
+        g.link(loader, 0, node, "ipadapter")
+        g.link(image, 0, node, "image")
+    g.link(face, 0, scientist, "insightface")
+    g.link(face, 0, kolors, "insightface")
+    g.link(weights, 5, strategy, "weights_strategy")
+    migrated, report = migrate(g.workflow())
+    text = {line.source: str(line) for line in report}
+    assert all(line.status == "not supported" for line in report if line.source in text and line.source in (
+        "IPAdapterClipVisionEnhancer", "IPAdapterMS", "IPAdapterWeights", "IPAdapterWeightsFromStrategy",
+        "IPAdapterFaceIDKolors"))
+    assert "CLIP-vision enhancer (enhance_tiles, enhance_ratio" in text["IPAdapterClipVisionEnhancer"]
+    assert "FaceID adapters in the Mad Scientist node" in text["IPAdapterMS"]
+    assert "weights_strategy output" in text["IPAdapterWeights"]
+    assert "weights strategies" in text["IPAdapterWeightsFromStrategy"]
+    assert "weight_kolors" in text["IPAdapterFaceIDKolors"]
+    assert only_node(migrated, "IPAdapterWeightsFromStrategy")  # left as it is
+    # the links into what has no counterpart are gone, everything else is consistent
+    assert_links_consistent(migrated)
+    assert len(migrated["links"]) == len(g.links) - 2  # insightface -> mad scientist, weights_strategy
+
+
+# --- UI round trip, idempotence, formats ---------------------------------------------------------------------
+
+@pytest.mark.unit
+@pytest.mark.parametrize("name", sorted(UI_GRAPHS))
+def test_ui_round_trip_keeps_every_link_and_the_layout(name):
+    original = UI_GRAPHS[name]()
+    migrated, report = migrate(original)
+    assert original == UI_GRAPHS[name](), "migrate changed its input"
+    assert report and all(line.target for line in report)
+    assert_links_consistent(migrated)
+    before, after = links_by_id(original), links_by_id(migrated)
+    assert set(before) == set(after)
+    types = table().types
+    nodes_before = {node["id"]: node for node in original["nodes"]}
+    nodes_after = {node["id"]: node for node in migrated["nodes"]}
+    for link_id, (_, origin, origin_slot, target, target_slot, kind) in before.items():
+        _, origin2, origin_slot2, target2, target_slot2, kind2 = after[link_id]
+        assert (origin2, target2) == (origin, target) and kind2 == types.get(kind, kind)
+        old_name = nodes_before[target]["inputs"][target_slot]["name"]
+        new_name = nodes_after[target]["inputs"][target_slot2]["name"]
+        assert new_name == {"pos_embed": "pos_embeds", "neg_embed": "neg_embeds"}.get(old_name, old_name)
+    for node_id, node in nodes_before.items():
+        new = nodes_after[node_id]
+        for key in ("pos", "size", "title", "color", "bgcolor", "mode", "order", "flags"):
+            assert new.get(key) == node.get(key), (node["type"], key)
+        if node["type"] in HOST:
+            assert new == {**node, "inputs": new["inputs"], "outputs": new["outputs"]}
+            assert [slot["name"] for slot in new["inputs"]] == [slot["name"] for slot in node["inputs"]]
+    assert migrated["groups"] == original["groups"] and migrated["extra"] == original["extra"]
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("name", sorted(UI_GRAPHS) + sorted(API_GRAPHS))
+def test_migrating_twice_changes_nothing(name):
+    once, report = migrate((UI_GRAPHS | API_GRAPHS)[name]())
+    twice, second_report = migrate(once)
+    assert report and twice == once and second_report == []
+
+
+@pytest.mark.unit
+def test_subgraphs_and_their_boundary_links_are_migrated():
+    """A subgraph definition holding that pack's nodes, fed from the subgraph's input node (id -10)."""
+    inner = CubiqGraph()
+    apply = inner.node("IPAdapterEmbeds", 0.8, "linear", 0.0, 1.0, "V only")
+    encoder = inner.node("IPAdapterEncoder", 1.0)
+    inner.link(encoder, 0, apply, "pos_embed")
+    links = [{"id": link_id, "origin_id": origin, "origin_slot": slot, "target_id": target, "target_slot": tslot,
+              "type": kind} for link_id, origin, slot, target, tslot, kind in inner.links]
+    links.append({"id": 7, "origin_id": -10, "origin_slot": 0, "target_id": apply, "target_slot": 1,
+                  "type": "IPADAPTER"})
+    inner.nodes[apply - 1]["inputs"][1]["link"] = 7
+    subgraph = {"id": "5f0c1d3e-0000-4000-8000-000000000001", "name": "image prompt", "nodes": inner.nodes,
+                "links": links, "inputs": [{"id": "a", "name": "ipadapter", "type": "IPADAPTER", "linkIds": [7]}],
+                "outputs": [{"id": "b", "name": "MODEL", "type": "MODEL", "linkIds": []}]}
+    workflow = {"nodes": [{"id": 1, "type": subgraph["id"], "inputs": [{"name": "ipadapter", "type": "IPADAPTER",
+                                                                        "link": None}], "outputs": []}],
+                "links": [], "definitions": {"subgraphs": [subgraph]}, "version": 0.4}
+    migrated, report = migrate(workflow)
+    assert {line.where for line in report} == {"subgraph 'image prompt' node 1", "subgraph 'image prompt' node 2"}
+    sub = migrated["definitions"]["subgraphs"][0]
+    apply_node = {node["id"]: node for node in sub["nodes"]}[apply]
+    names = [slot["name"] for slot in apply_node["inputs"]]
+    by_id = {link["id"]: link for link in sub["links"]}
+    assert names[by_id[7]["target_slot"]] == "ipadapter" and by_id[7]["type"] == "IMAGE_PROMPT_ADAPTER"
+    assert names[by_id[1]["target_slot"]] == "pos_embeds"
+    assert sub["inputs"][0]["type"] == migrated["nodes"][0]["inputs"][0]["type"] == "IMAGE_PROMPT_ADAPTER"
+    assert migrate(migrated)[0] == migrated
+
+
+@pytest.mark.unit
+def test_command_writes_the_workflow_and_prints_the_report(tmp_path):
+    source = tmp_path / "cubiq.json"
+    source.write_text(json.dumps(graph_advanced()))
+    out = tmp_path / "ours.json"
+    done = subprocess.run([sys.executable, "-m", "ipadapter_core.migrate", str(source), "-o", str(out)], cwd=REPO,
+                          capture_output=True, text=True, check=True)
+    assert json.loads(out.read_text()) == migrate(graph_advanced())[0]
+    assert "IPAdapterAdvanced -> ImagePromptApplyAdvanced: mapped with a difference in behaviour" in done.stdout
+    assert "4 node(s) of ComfyUI_IPAdapter_plus" in done.stdout
+    to_stdout = subprocess.run([sys.executable, "-m", "ipadapter_core.migrate", str(out)], cwd=REPO,
+                               capture_output=True, text=True, check=True)
+    assert json.loads(to_stdout.stdout) == json.loads(out.read_text())
+    assert "0 node(s) of ComfyUI_IPAdapter_plus" in to_stdout.stderr
+    refused = subprocess.run([sys.executable, "-m", "ipadapter_core.migrate", str(tmp_path / "none.json")], cwd=REPO,
+                             capture_output=True, text=True)
+    assert refused.returncode == 2 and "none.json" in refused.stderr
+    pure = subprocess.run([sys.executable, "-c", "import sys, ipadapter_core.migrate; "
+                           "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'comfy', 'nodes')))"],
+                          cwd=REPO, capture_output=True, text=True, check=True)
+    assert pure.stdout.strip() == "[]"
+
+
+# --- migrated graphs on the real host ---------------------------------------------------------------------------
+
+@pytest.mark.server
+@pytest.mark.parametrize("name", sorted(UI_GRAPHS))
+def test_migrated_ui_graph_runs_on_the_host(server, object_info, name):
+    migrated, _ = migrate(UI_GRAPHS[name]())
+    prompt = ui_to_api(migrated, object_info)
+    run_images(server, prompt, count=4 if name == "batch_weights" else 1)
+
+
+@pytest.mark.server
+@pytest.mark.parametrize("name", sorted(API_GRAPHS))
+def test_migrated_api_graph_runs_on_the_host(saved_by_that_pack, name):
+    server = saved_by_that_pack
+    migrated, report = migrate(API_GRAPHS[name]())
+    assert is_api_workflow(migrated) and report
+    assert not any(node["class_type"] in table().nodes for node in migrated.values())
+    run_images(server, migrated)
+    if name == "embeds_files":
+        assert list((server.base_dir / "output").glob("migrated_embeds*.safetensors"))
+
+
+@pytest.mark.server
+def test_migrated_faceid_graph_runs_with_a_face_embedding(saved_by_that_pack, need_models):
+    server = saved_by_that_pack
+    need_models("ipadapter/tiny_ip-adapter-faceid-plusv2_sd15.bin")
+    migrated, report = migrate(api_faceid())
+    assert [line.target for line in report] == ["ImagePromptUnifiedLoaderFaceID", "ImagePromptFaceID"]
+    assert migrated["fid"]["inputs"]["weight_faceidv2"] == 1.5 and migrated["fid"]["inputs"]["on_no_face"] == "error"
+    # that pack found the face with InsightFace, which is not installed here: the host says what to do
+    with pytest.raises(comfy_host.PromptFailed) as failed:
+        server.run_prompt(map_to_stand_ins(migrated)[0])
+    assert failed.value.node_type == "ImagePromptFaceID" and "face_embeds" in failed.value.message
+    migrated["face"] = api_node("ImagePromptLoadEmbeds", embeds="face.ipadpt")
+    migrated["fid"]["inputs"]["face_embeds"] = ["face", 0]
+    run_images(server, migrated)
+
+
+def api_style_composition() -> dict:
+    """Block-map weight types (style/composition): they need the full SD1.5 layout of attention blocks."""
+    prompt = api_base()
+    prompt["adp"] = api_node("IPAdapterModelLoader", ipadapter_file="ip-adapter-plus_sd15.bin")
+    prompt["cv"] = api_node("CLIPVisionLoader", clip_name=CLIP_H)
+    common = dict(ipadapter=["adp", 0], clip_vision=["cv", 0], start_at=0.0, end_at=1.0, embeds_scaling="V only")
+    prompt.update({
+        "sc": api_node("IPAdapterStyleComposition", weight_style=1.0, weight_composition=0.8, expand_style=False,
+                       combine_embeds="average", model=["ckpt", 0], image_style=["img", 0],
+                       image_composition=["img", 0], **common),
+        "ps": api_node("IPAdapterPreciseStyleTransfer", weight=0.8, style_boost=1.5, combine_embeds="concat",
+                       model=["sc", 0], image=["img", 0], **common),
+        "pc": api_node("IPAdapterPreciseComposition", weight=0.6, composition_boost=0.3, combine_embeds="concat",
+                       model=["ps", 0], image=["img", 0], **common),
+    })
+    del prompt["ipa"]
+    return api_tail(prompt, ["pc", 0])
+
+
+@pytest.mark.heavy
+@pytest.mark.server
+@pytest.mark.models("checkpoints/sd15_layout.ckpt", "ipadapter/ip-adapter-plus_sd15.bin",
+                    "clip_vision/CLIP-ViT-H-14-laion2B-s32B-b79K.pt")
+def test_migrated_style_and_precise_nodes_run_on_the_full_sd15_layout(tmp_path, models_dir):
+    migrated, _ = migrate(api_style_composition())
+    migrated["ckpt"]["inputs"]["ckpt_name"] = "sd15_layout.ckpt"
+    migrated["lat"]["inputs"].update(width=64, height=64)
+    migrated["ks"]["inputs"]["steps"] = 1
+    migrated["img"]["inputs"]["image"] = "reference.png"
+    server = comfy_host.HostServer(tmp_path / "base", models_dir=models_dir)
+    from tools.run_example import copy_example_images
+    copy_example_images(server.base_dir / "input")
+    with server:
+        files = server.output_files(server.run_prompt(migrated))
+    assert len(files) == 1
+
+
+def api_faceid() -> dict:
+    prompt = api_base()
+    prompt.update({
+        "fl": api_node("IPAdapterUnifiedLoaderFaceID", preset="FACEID PLUS V2", lora_strength=0.6, provider="CPU",
+                       model=["ckpt", 0]),
+        "fid": api_node("IPAdapterFaceID", weight=0.8, weight_faceidv2=1.5, weight_type="linear",
+                        combine_embeds="concat", start_at=0.0, end_at=1.0, embeds_scaling="V only",
+                        model=["fl", 0], ipadapter=["fl", 1], image=["img", 0]),
+    })
+    del prompt["ipa"]
+    return api_tail(prompt, ["fid", 0])
