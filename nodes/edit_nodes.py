@@ -147,12 +147,12 @@ class InstructEditConditioning(io.ComfyNode):
                                        "sides in multiples of 64 (as the InstructPix2Pix code does)."),
                 io.Int.Input("long_side", default=512, min=64, max=4096, step=64,
                              tooltip="Target long side in pixels for the 'long side to target' resolution."),
-                io.Combo.Input("start_latent", options=list(START_LATENTS), default=START_LATENTS[0],
+                io.Combo.Input("start_latent", options=list(START_LATENTS), default=START_LATENTS[0], optional=True,
                                tooltip="What the latent output holds: zeros, to sample a full edit from noise "
                                        "(denoise 1), or the input image's latent, for denoise below 1. A mask "
                                        "always gives the input image's latent."),
                 io.Mask.Input("mask", optional=True, tooltip=MASK_TIP),
-                io.Int.Input("feather", default=16, min=0, max=512, tooltip=FEATHER_TIP),
+                io.Int.Input("feather", default=16, min=0, max=512, optional=True, tooltip=FEATHER_TIP),
             ],
             outputs=[io.Conditioning.Output(display_name=name, tooltip=tip) for name, tip in COND_TIPS.items()]
                     + [io.Latent.Output(display_name="latent", tooltip="The latent to sample from (see start_latent), "
@@ -246,11 +246,11 @@ class InstructEditSampler(io.ComfyNode):
                 io.Conditioning.Input("negative", tooltip="The null text: an empty prompt, or a negative prompt."),
                 io.Vae.Input("vae", tooltip="Encodes the image."),
                 io.Image.Input("image", tooltip="The image to edit (center-cropped to a multiple of 8)."),
-                io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01,
+                io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01, optional=True,
                                tooltip="1: a full edit from noise; below 1: start from the input image, partly "
                                        "noised, and keep more of it."),
                 io.Mask.Input("mask", optional=True, tooltip=MASK_TIP),
-                io.Int.Input("feather", default=16, min=0, max=512, tooltip=FEATHER_TIP),
+                io.Int.Input("feather", default=16, min=0, max=512, optional=True, tooltip=FEATHER_TIP),
             ],
             outputs=[io.Latent.Output(tooltip="The edited image's latent (VAE Decode it).")],
         )

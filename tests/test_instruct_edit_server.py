@@ -1,18 +1,20 @@
 """The instruction-edit example workflows run through the HTTP API of a headless host on the factory SD1.5
-edit checkpoint (standing in for instruct-pix2pix-00-22000.safetensors), and a wrong model fails clearly."""
+edit checkpoint (standing in for instruct-pix2pix-00-22000.safetensors), with ControlNet, IP-Adapter and a mask;
+a masked edit leaves the pixels outside its mask as they were; a wrong model fails clearly."""
 from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 from PIL import Image
 
 from tools import comfy_host
-from tools.run_example import WORKFLOWS, map_to_stand_ins
+from tools.run_example import EXAMPLE_IMAGES, WORKFLOWS, map_to_stand_ins
 
 pytestmark = pytest.mark.server
 
-EDIT_NODES = ("InstructEditConditioning", "InstructEditGuider", "InstructEditSampler")
+EDIT_NODES = ("InstructEditConditioning", "InstructEditGuider", "InstructEditSampler", "InstructEditModelLoader")
 STEP_INPUTS = {"InstructEditSampler": "steps", "BasicScheduler": "steps"}
 
 
@@ -33,12 +35,25 @@ def test_edit_nodes_are_listed_with_a_tooltip_on_every_input(server):
         assert not untipped, f"{node_id}: no tooltip on {untipped}"
 
 
-@pytest.mark.parametrize("workflow", ["sd15_instruct_edit.json", "sd15_instruct_edit_guider.json"])
+@pytest.mark.parametrize("workflow", ["sd15_instruct_edit.json", "sd15_instruct_edit_guider.json",
+                                      "sd15_instruct_edit_controlnet.json", "sd15_instruct_edit_ipadapter.json"])
 def test_edit_workflow_produces_an_image(server, workflow):
     files = server.output_files(server.run_prompt(edit_workflow(workflow)))
     assert len(files) == 1
     with Image.open(files[0]) as image:
         assert image.size == (256, 256)
+
+
+def test_masked_edit_changes_only_the_masked_square(server):
+    """The workflow masks the 128 px square at (64, 64) of the 256 px input and pastes the decoded edit back
+    with the feathered mask the conditioning node returns."""
+    files = server.output_files(server.run_prompt(edit_workflow("sd15_instruct_edit_masked.json")))
+    with Image.open(files[0]) as edited, Image.open(EXAMPLE_IMAGES / "reference.png") as original:
+        difference = np.abs(np.asarray(edited.convert("RGB"), int) - np.asarray(original.convert("RGB"), int)).max(-1)
+    inside = np.zeros_like(difference, dtype=bool)
+    inside[64:192, 64:192] = True
+    assert difference[~inside].max() == 0
+    assert difference[80:176, 80:176].mean() > 10  # the edit, in from the feathered edge
 
 
 def test_a_text_to_image_checkpoint_fails_naming_what_to_load(server):
