@@ -181,7 +181,7 @@ class HostServer:
         prompt_id = self.post_json("/prompt", {"prompt": prompt})["prompt_id"]
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            history = self.get_json(f"/history/{prompt_id}")
+            history = self.get_json(f"/history/{prompt_id}", timeout=120)  # a busy 2-core machine answers late
             entry = history.get(prompt_id)
             if entry and entry.get("status", {}).get("completed") is not None:
                 if entry["status"].get("status_str") == "error":
