@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from test_instruct_edit_host import (STEP_ATOL, case, diffusers_edit, dual_cfg_guider, edit, host_sigmas,  # noqa: F401
-                                     record_batches, replay, run_node, vp_units)
+                                     our_guider, record_batches, replay, run_node, vp_units)
 from test_ipadapter_parity import TINY_DIFFUSERS, diffusers_twin
 from tools import factory
 from tools.comfy_host import pack_module
@@ -54,10 +54,10 @@ def test_a_masked_edit_is_the_hosts_noise_mask_and_keeps_the_latent_outside(host
                            pixels=image)
     (encoded,) = host.VAEEncode().encode(edit.vae, image)
     (masked,) = host.SetLatentNoiseMask().set_mask(encoded, mask)
-    common = dict(model=edit.model, seed=5, steps=3, text_scale=6.5, sampler_name="euler", scheduler="normal",
+    common = dict(model=edit.model, seed=5, steps=2, text_scale=6.5, sampler_name="euler", scheduler="normal",
                   positive=text, negative=null, vae=edit.vae, image=image, mask=mask)
     for denoise in (1.0, 0.6):
-        (native,) = host.KSampler().sample(edit.model, 5, 3, 6.5, "euler", "normal", pos, neg, masked, denoise=denoise)
+        (native,) = host.KSampler().sample(edit.model, 5, 2, 6.5, "euler", "normal", pos, neg, masked, denoise=denoise)
         (ours,) = run_node(host, "InstructEditSampler", image_scale=1.0, feather=0, denoise=denoise, **common)
         torch.testing.assert_close(ours["samples"], native["samples"], rtol=0, atol=1e-6)
 
@@ -133,8 +133,9 @@ def test_edit_loader_refuses_a_text_to_image_unet(host, tmp_path):
 
 
 def test_controlnet_reaches_all_three_conditionings_in_one_batched_call(host, edit, need_models):
-    from comfy_extras.nodes_custom_sampler import Guider_DualCFG
+    import comfy.samplers
     import node_helpers
+    from comfy_extras.nodes_custom_sampler import Guider_DualCFG
     need_models(f"controlnet/{CONTROLNET}")
     c = case(15)
     (control_net,) = host.ControlNetLoader().load_controlnet(CONTROLNET)
@@ -147,7 +148,6 @@ def test_controlnet_reaches_all_three_conditionings_in_one_batched_call(host, ed
     (guider,) = run_node(host, "InstructEditGuider", model=model, positive=conds[0], image_only=conds[1],
                          negative=conds[2], text_scale=6.0, image_scale=1.8)
     sigmas = host_sigmas(edit.sampling)
-    import comfy.samplers
     euler = comfy.samplers.sampler_object("euler")
     ours = guider.sample(c.noise, torch.zeros_like(c.noise), euler, sigmas, seed=0, disable_pbar=True)
     assert [(sorted(order), batch) for order, batch, _ in calls] == [([0, 1, 2], 3)] * 3
@@ -158,10 +158,7 @@ def test_controlnet_reaches_all_three_conditionings_in_one_batched_call(host, ed
     reference.set_cfg(6.0, 1.8)
     expected = reference.sample(c.noise, torch.zeros_like(c.noise), euler, sigmas, seed=0, disable_pbar=True)
     torch.testing.assert_close(ours, expected, rtol=0, atol=1e-6)
-    plain = run_node(host, "InstructEditConditioning", positive=[[c.text, {}]], negative=[[c.null, {}]],
-                     latent={"samples": c.image_latent})
-    (uncontrolled,) = run_node(host, "InstructEditGuider", model=edit.model, positive=plain[0], image_only=plain[1],
-                               negative=plain[2], text_scale=6.0, image_scale=1.8)
+    uncontrolled = our_guider(host, edit.model, c, text_scale=6.0, image_scale=1.8)
     without = uncontrolled.sample(c.noise, torch.zeros_like(c.noise), euler, sigmas, seed=0, disable_pbar=True)
     assert (ours - without).abs().max() > 1e-2  # the control does act
 
@@ -185,11 +182,8 @@ def test_ip_adapter_edit_matches_diffusers_pipeline(host, edit, need_models):
     steps, _ = diffusers_edit(edit.model, edit.sampling, c, sigmas, 7.5, 1.5, forced, unet=twin,
                               ip_adapter_embeds=torch.cat([cond, uncond, uncond]).unsqueeze(1))
     inputs = [x for x, _ in steps]
-    conds = run_node(host, "InstructEditConditioning", positive=[[c.text, {}]], negative=[[c.null, {}]],
-                     latent={"samples": c.image_latent})
-    guiders = [run_node(host, "InstructEditGuider", model=model, positive=conds[0], image_only=conds[1],
-                        negative=conds[2], text_scale=7.5, image_scale=1.5)[0] for model in (patched, edit.model)]
-    ours, unpatched = (replay(guider, inputs, sigmas) for guider in guiders)
+    ours, unpatched = (replay(our_guider(host, model, c, text_scale=7.5, image_scale=1.5), inputs, sigmas)
+                       for model in (patched, edit.model))
     for (_, theirs), eps, bare, sigma in zip(steps, ours, unpatched, sigmas):
         assert vp_units(eps - theirs, sigma) <= STEP_ATOL
         assert vp_units(eps - bare, sigma) > 10 * STEP_ATOL  # the adapter moves the guided prediction
@@ -200,16 +194,13 @@ def test_the_guider_reads_sigma_once_per_step(host, edit):
     of the host's DualCFGGuider on the same conditionings, with a schedule, an interval and rescale on."""
     import comfy.samplers
     c = case(17)
-    sigmas = host_sigmas(edit.sampling, steps=4)
+    sigmas = host_sigmas(edit.sampling, steps=3)
     euler = comfy.samplers.sampler_object("euler")
 
     def host_reads(guider) -> int:
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
             guider.sample(c.noise, torch.zeros_like(c.noise), euler, sigmas, seed=0, disable_pbar=True)
         return sum(e.count for e in profile.key_averages() if e.key == "aten::_local_scalar_dense")
-    conds = run_node(host, "InstructEditConditioning", positive=[[c.text, {}]], negative=[[c.null, {}]],
-                     latent={"samples": c.image_latent})
-    (ours,) = run_node(host, "InstructEditGuider", model=edit.model, positive=conds[0], image_only=conds[1],
-                       negative=conds[2], text_scale=7.0, image_scale=1.8, schedule="linear", text_scale_end=4.0,
-                       image_scale_end=1.2, image_guidance_end=0.7, rescale=0.5)
-    assert host_reads(ours) - host_reads(dual_cfg_guider(edit.model, c, 7.0, 1.8)) <= 4
+    ours = our_guider(host, edit.model, c, text_scale=7.0, image_scale=1.8, schedule="linear", text_scale_end=4.0,
+                      image_scale_end=1.2, image_guidance_end=0.7, rescale=0.5)
+    assert host_reads(ours) - host_reads(dual_cfg_guider(edit.model, c, 7.0, 1.8)) <= 3

@@ -50,7 +50,7 @@ def case(seed: int):
 
 def our_guider(host, model, c, **scales):
     positive, image_only, negative, *_ = run_node(host, "InstructEditConditioning", positive=[[c.text, {}]],
-                                                 negative=[[c.null, {}]], latent={"samples": c.image_latent})
+                                                  negative=[[c.null, {}]], latent={"samples": c.image_latent})
     (guider,) = run_node(host, "InstructEditGuider", model=model, positive=positive, image_only=image_only,
                          negative=negative, **scales)
     return guider
@@ -235,7 +235,7 @@ def test_conditioning_node_encodes_like_the_hosts_ip2p_node(host, edit):
     host_pos, host_neg, host_latent = run_node(host, "InstructPixToPixConditioning", positive=text, negative=null,
                                                vae=edit.vae, pixels=image)
     pos, image_only, neg, latent, mask = run_node(host, "InstructEditConditioning", positive=text, negative=null,
-                                            vae=edit.vae, image=image)
+                                                  vae=edit.vae, image=image)
     expected = host_pos[0][1]["concat_latent_image"]
     assert expected.shape == (1, 4, 8, 10)
     assert torch.equal(pos[0][1]["concat_latent_image"], expected)
