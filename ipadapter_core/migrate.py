@@ -254,59 +254,63 @@ class _UiMigration:
 
     def _node(self, node: dict) -> None:
         table, source = self.table, node["type"]
-        values = table.source_widgets(source, node.get("widgets_values") or [])
         inputs, outputs = node.get("inputs") or [], node.get("outputs") or []
-        linked = {slot["name"] for slot in inputs if slot.get("link") is not None}
-        linked_outputs = {index for index, slot in enumerate(outputs) if slot.get("links")}
-        conversion = table.convert(source, values, linked, linked_outputs)
+        conversion = table.convert(source, table.source_widgets(source, node.get("widgets_values") or []),
+                                   {slot["name"] for slot in inputs if slot.get("link") is not None},
+                                   {index for index, slot in enumerate(outputs) if slot.get("links")})
         self.report.append(ReportLine(f"{self.where}node {node.get('id')}", source, conversion.target,
                                       conversion.differences, conversion.unsupported))
         if conversion.target is None:
             return
-        target = conversion.target
-        rule = table.nodes[source]
-        to_source = {rule.get("rename", {}).get(name, name): name for name in rule["inputs"]}
-        to_source.update({ours: name for name, ours in conversion.inputs.items() if ours})
-        old = {slot["name"]: slot for slot in inputs}
-        new_inputs = []
-        for spec in table.link_inputs(target):
-            before = old.get(to_source.get(spec["name"]), {})
-            new_inputs.append(self._slot(before, spec, link=before.get("link")))
-        for spec in table.widgets(target):
-            before = old.get(to_source.get(spec["name"]))
-            if before is not None and (before.get("widget") or before.get("link") is not None):
-                new_inputs.append({**self._slot(before, spec, link=before.get("link")),
-                                   "widget": {"name": spec["name"]}})
+        rename = table.nodes[source].get("rename", {})
+        ours_of = {slot["name"]: conversion.inputs.get(slot["name"]) or rename.get(slot["name"], slot["name"])
+                   for slot in inputs}
+        new_inputs = self._inputs(conversion.target, {ours_of[slot["name"]]: slot for slot in inputs})
         new_index = {slot["name"]: index for index, slot in enumerate(new_inputs)}
-        self.maps.inputs[node["id"]] = {index: new_index.get(conversion.inputs.get(slot["name"], slot["name"]))
+        self.maps.inputs[node["id"]] = {index: new_index.get(ours_of[slot["name"]])
                                         for index, slot in enumerate(inputs)}
-        new_outputs = [{"name": spec["name"], "type": spec["type"], "links": []} for spec in table.ours[target]["outputs"]]
-        for index, slot in enumerate(outputs):
-            goes_to = conversion.outputs[index] if index < len(conversion.outputs) else None
-            if goes_to is not None:
-                keep = {key: value for key, value in slot.items() if key not in ("name", "type", "label")}
-                new_outputs[goes_to].update({**keep, "links": slot.get("links") or []})
-                if "slot_index" in slot:
-                    new_outputs[goes_to]["slot_index"] = goes_to
-                if "localized_name" in slot:
-                    new_outputs[goes_to]["localized_name"] = new_outputs[goes_to]["name"]
-        self.maps.outputs[node["id"]] = {index: (conversion.outputs[index] if index < len(conversion.outputs) else None)
-                                         for index in range(len(outputs))}
+        goes_to = conversion.outputs + [None] * max(0, len(outputs) - len(conversion.outputs))
+        self.maps.outputs[node["id"]] = dict(enumerate(goes_to[:len(outputs)]))
         widgets_values = []
-        for spec in table.widgets(target):
+        for spec in table.widgets(conversion.target):
             widgets_values.append(conversion.values[spec["name"]])
             if spec.get("control_after_generate"):
                 widgets_values.append("fixed")
         properties = {key: value for key, value in (node.get("properties") or {}).items()
                       if key not in ("cnr_id", "ver", "aux_id")}
-        properties["Node name for S&R"] = target
-        node.update(type=target, inputs=new_inputs, outputs=new_outputs, widgets_values=widgets_values,
-                    properties=properties)
+        node.update(type=conversion.target, inputs=new_inputs,
+                    outputs=self._outputs(conversion.target, outputs, goes_to), widgets_values=widgets_values,
+                    properties={**properties, "Node name for S&R": conversion.target})
+
+    def _inputs(self, target: str, before: dict) -> list[dict]:
+        """Our input sockets: every link input in the host's order, then the widgets given by a link (or
+        shown as sockets) before; ``before`` holds the old sockets by our input name."""
+        sockets = [self._slot(before.get(spec["name"], {}), spec) for spec in self.table.link_inputs(target)]
+        for spec in self.table.widgets(target):
+            old = before.get(spec["name"])
+            if old is not None and (old.get("widget") or old.get("link") is not None):
+                sockets.append({**self._slot(old, spec), "widget": {"name": spec["name"]}})
+        return sockets
+
+    def _outputs(self, target: str, outputs: list[dict], goes_to: list) -> list[dict]:
+        """Our output sockets, each with the links of the old output that goes to it."""
+        sockets = [{"name": spec["name"], "type": spec["type"], "links": []}
+                   for spec in self.table.ours[target]["outputs"]]
+        for slot, new in zip(outputs, goes_to):
+            if new is None:
+                continue
+            keep = {key: value for key, value in slot.items() if key not in ("name", "type", "label")}
+            sockets[new].update({**keep, "links": slot.get("links") or []})
+            if "slot_index" in slot:
+                sockets[new]["slot_index"] = new
+            if "localized_name" in slot:
+                sockets[new]["localized_name"] = sockets[new]["name"]
+        return sockets
 
     @staticmethod
-    def _slot(before: dict, spec: dict, link) -> dict:
+    def _slot(before: dict, spec: dict) -> dict:
         keep = {key: value for key, value in before.items() if key not in ("name", "type", "label", "widget", "link")}
-        slot = {**keep, "name": spec["name"], "type": spec["type"], "link": link}
+        slot = {**keep, "name": spec["name"], "type": spec["type"], "link": before.get("link")}
         if "localized_name" in before:
             slot["localized_name"] = spec["name"]
         return slot

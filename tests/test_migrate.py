@@ -15,7 +15,7 @@ from PIL import Image
 
 from ipadapter_core.migrate import MigrationTable, is_api_workflow, migrate, our_schema
 from tools import comfy_host
-from tools.run_example import map_to_stand_ins
+from tools.run_example import copy_example_images, map_to_stand_ins
 
 REPO = comfy_host.REPO_ROOT
 APPLY = "model:MODEL ipadapter:IPADAPTER image:IMAGE image_negative:IMAGE attn_mask:MASK clip_vision:CLIP_VISION"
@@ -677,6 +677,31 @@ def test_subgraphs_and_their_boundary_links_are_migrated():
 
 
 @pytest.mark.unit
+def test_legacy_group_node_definitions_are_migrated():
+    """A group node (the editor's older way to nest nodes) stores its inner nodes by position and its links
+    as [origin index, origin slot, target index, target slot, origin id, type]."""
+    inner = CubiqGraph()
+    encoder = inner.node("IPAdapterEncoder", 0.7)
+    apply = inner.node("IPAdapterEmbeds", 0.8, "ease out", 0.0, 1.0, "V only")
+    nodes = [{key: value for key, value in node.items() if key not in ("id", "pos", "size", "order")}
+             for node in inner.nodes]
+    definition = {"nodes": nodes, "links": [[0, 1, 1, 3, 11, "EMBEDS"], [None, 0, 1, 1, 5, "IPADAPTER"]],
+                  "external": [[1, 0, "MODEL"]]}
+    workflow = {"nodes": [], "links": [], "extra": {"groupNodes": {"embeds": definition}}, "version": 0.4}
+    migrated, report = migrate(workflow)
+    assert [(line.where, line.target) for line in report] == [("group node 'embeds' node 0", "ImagePromptEncode"),
+                                                              ("group node 'embeds' node 1", "ImagePromptApplyEmbeds")]
+    assert all("check the widget values on its instances" in line.differences[-1] for line in report)
+    new = migrated["extra"]["groupNodes"]["embeds"]
+    names = [slot["name"] for slot in new["nodes"][apply - 1]["inputs"]]
+    (neg_link, ipadapter_link) = new["links"]
+    assert names[neg_link[3]] == "neg_embeds" and neg_link[1] == 1 and neg_link[4:] == [11, "EMBEDS"]
+    assert names[ipadapter_link[3]] == "ipadapter" and ipadapter_link[5] == "IMAGE_PROMPT_ADAPTER"
+    assert new["external"] == [[1, 0, "MODEL"]] and "id" not in new["nodes"][0]
+    assert migrate(migrated)[0] == migrated
+
+
+@pytest.mark.unit
 def test_command_writes_the_workflow_and_prints_the_report(tmp_path):
     source = tmp_path / "cubiq.json"
     source.write_text(json.dumps(graph_advanced()))
@@ -761,17 +786,21 @@ def api_style_composition() -> dict:
 @pytest.mark.models("checkpoints/sd15_layout.ckpt", "ipadapter/ip-adapter-plus_sd15.bin",
                     "clip_vision/CLIP-ViT-H-14-laion2B-s32B-b79K.pt")
 def test_migrated_style_and_precise_nodes_run_on_the_full_sd15_layout(tmp_path, models_dir):
-    migrated, _ = migrate(api_style_composition())
+    migrated, report = migrate(api_style_composition())
+    assert {line.target for line in report} == {"ImagePromptAdapterLoader", "ImagePromptStyleComposition",
+                                                "ImagePromptApplyAdvanced"}
+    migrated, _ = map_to_stand_ins(migrated)
     migrated["ckpt"]["inputs"]["ckpt_name"] = "sd15_layout.ckpt"
+    migrated["adp"]["inputs"]["ipadapter_file"] = "ip-adapter-plus_sd15.bin"  # the real 16-layer layout
     migrated["lat"]["inputs"].update(width=64, height=64)
     migrated["ks"]["inputs"]["steps"] = 1
-    migrated["img"]["inputs"]["image"] = "reference.png"
     server = comfy_host.HostServer(tmp_path / "base", models_dir=models_dir)
-    from tools.run_example import copy_example_images
     copy_example_images(server.base_dir / "input")
     with server:
         files = server.output_files(server.run_prompt(migrated))
     assert len(files) == 1
+    with Image.open(files[0]) as image:
+        assert image.size == (64, 64)
 
 
 def api_faceid() -> dict:
@@ -785,3 +814,42 @@ def api_faceid() -> dict:
     })
     del prompt["ipa"]
     return api_tail(prompt, ["fid", 0])
+
+
+# --- inside ComfyUI -----------------------------------------------------------------------------------------------
+
+# A workflow file dropped on the canvas, as a user drops one.
+DROP_WORKFLOW = """([text, name]) => {
+    const files = new DataTransfer();
+    files.items.add(new File([text], name, {type: "application/json"}));
+    document.querySelector("#graph-canvas").dispatchEvent(
+        new DragEvent("drop", {dataTransfer: files, bubbles: true, cancelable: true}));
+}"""
+
+
+@pytest.mark.browser
+@pytest.mark.server
+def test_editor_offers_the_migration_and_queues_what_the_command_writes(server, object_info):
+    """web/migrate_ipadapter_plus.js in the real frontend: dropping a graph of that pack asks, migrates
+    through the pack's route, and the editor's prompt equals the command's migration; it runs."""
+    from playwright.sync_api import sync_playwright
+    import urllib.request
+    setting = urllib.request.Request(f"{server.url}/settings/Comfy.TutorialCompleted", data=b"true", method="POST")
+    urllib.request.urlopen(setting, timeout=30).read()
+    questions = []
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path="/usr/bin/chromium",
+                                             args=["--no-sandbox", "--disable-gpu", "--no-first-run"])
+        page = browser.new_page(viewport={"width": 1600, "height": 1000})
+        page.on("dialog", lambda dialog: (questions.append(dialog.message), dialog.accept()))
+        page.goto(server.url)
+        page.wait_for_function("() => window.app?.graph && window.app.extensionManager", timeout=120_000)
+        page.evaluate(DROP_WORKFLOW, [json.dumps(graph_advanced()), "cubiq_advanced.json"])
+        page.wait_for_function("() => app.graph.findNodesByType('ImagePromptApplyAdvanced').length === 1",
+                               timeout=60_000)
+        prompt = page.evaluate("async () => (await app.graphToPrompt()).output")
+        browser.close()
+    assert len(questions) == 1 and "IPAdapterAdvanced, IPAdapterModelLoader" in questions[0]
+    expected = ui_to_api(migrate(graph_advanced())[0], object_info)
+    assert {key: {k: v for k, v in node.items() if k != "_meta"} for key, node in prompt.items()} == expected
+    run_images(server, prompt)
