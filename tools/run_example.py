@@ -33,6 +33,15 @@ MODEL_INPUTS = {
 }
 
 
+# Real files whose stand-in is a full-size factory layout (built on demand, not named by the factory itself).
+FULL_SIZE_STAND_INS = {("checkpoints", "sd_xl_base_1.0.safetensors"): "sdxl_layout.ckpt"}
+
+
+def stand_in(folder: str, real_name: str) -> str | None:
+    """The factory file standing in for ``folder/real_name``, or None."""
+    return FULL_SIZE_STAND_INS.get((folder, real_name)) or factory.stand_in(folder, real_name)
+
+
 def map_to_stand_ins(prompt: dict) -> tuple[dict, set[str]]:
     """Replace real model file names by the factory files standing in for them.
 
@@ -44,12 +53,12 @@ def map_to_stand_ins(prompt: dict) -> tuple[dict, set[str]]:
         value = node.get("inputs", {}).get(key)
         if not isinstance(value, str):
             continue
-        stand_in = factory.stand_in(folder, value)
-        if stand_in is None:
+        stand_in_name = stand_in(folder, value)
+        if stand_in_name is None:
             raise KeyError(f"node {node_id} ({node['class_type']}): no built-in model stands in for "
                            f"{folder}/{value}; run with --models DIR to use your own files")
-        node["inputs"][key] = stand_in
-        needed.add(f"{folder}/{stand_in}")
+        node["inputs"][key] = stand_in_name
+        needed.add(f"{folder}/{stand_in_name}")
     return mapped, needed
 
 

@@ -1,0 +1,186 @@
+"""The real ComfyUI frontend (served by the headless host, in Debian's Chromium driven by Playwright) opens
+every UI workflow as a user dropping the file would, finds every node and link, writes the same prompt as
+the API twin, queues it from its Run button and shows the result image. Screenshots go to
+workflows/screenshots/ for the README."""
+from __future__ import annotations
+
+import json
+import urllib.request
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from tools import comfy_host
+from tools.run_example import WORKFLOWS, map_to_stand_ins
+
+pytestmark = [pytest.mark.browser, pytest.mark.server]
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]
+SCREENSHOTS = WORKFLOWS / "screenshots"
+UI_FILES = sorted(WORKFLOWS.glob("*.json"))
+HEAVY = {"sdxl_ipadapter_style_composition.json"}  # runs in tests/test_workflows.py's heavy test, not from here
+STEPS, SIDE = 1, 128
+SETTINGS = {"Comfy.TutorialCompleted": True, "Comfy.Minimap.Visible": False}
+
+# A file dropped anywhere on the page reaches the app's document-level drop handler.
+DROP_FILE = """([text, name]) => {
+    const data = new DataTransfer();
+    data.items.add(new File([text], name, {type: "application/json"}));
+    document.body.dispatchEvent(
+        new DragEvent("drop", {dataTransfer: data, bubbles: true, cancelable: true}));
+}"""
+# QUEUE_NOTE: after a dropped file loads, frontend 1.32.9 leaves its loading spinner's BlockUI mask on the
+# page in headless Chromium (the leave animation ends, the element stays), and it swallows pointer clicks;
+# keys still reach the app, so the test queues with Ctrl+Enter, the Run button's own shortcut.
+# Every link of the live graph: does it join two existing nodes, on slots that point back to it, with one type?
+BROKEN_LINKS = """() => {
+    const broken = [];
+    for (const link of app.graph.links.values ? app.graph.links.values() : Object.values(app.graph.links)) {
+        if (!link) continue;
+        const origin = app.graph.getNodeById(link.origin_id), target = app.graph.getNodeById(link.target_id);
+        const input = target?.inputs?.[link.target_slot], output = origin?.outputs?.[link.origin_slot];
+        if (!input || !output || input.link !== link.id || !(output.links || []).includes(link.id)
+            || output.type !== link.type || (input.type !== link.type && input.type !== "*"))
+            broken.push(link.id);
+    }
+    return broken;
+}"""
+SET_WIDGETS = """(values) => {
+    for (const [id, widgets] of Object.entries(values)) {
+        const node = app.graph.getNodeById(Number(id));
+        for (const [name, value] of Object.entries(widgets)) {
+            const widget = node.widgets.find(w => w.name === name);
+            widget.value = value;
+            widget.callback?.(value);
+        }
+    }
+    app.graph.setDirtyCanvas(true, true);
+}"""
+# The images a node shows once the run finishes (the frontend loads them from /view).
+SHOWN_IMAGES = """(id) => (app.graph.getNodeById(id).imgs || []).filter(img => img.complete && img.naturalWidth > 0)
+    .map(img => [img.naturalWidth, img.naturalHeight])"""
+
+
+@pytest.fixture(scope="module")
+def browser():
+    assert CHROMIUM.exists(), "Debian's chromium is missing: tools/env.sh installs it (apt-get install chromium)"
+    from playwright.sync_api import sync_playwright
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture
+def page(server, browser):
+    for setting, value in SETTINGS.items():
+        request = urllib.request.Request(f"{server.url}/settings/{setting}", data=json.dumps(value).encode(),
+                                         method="POST")
+        urllib.request.urlopen(request, timeout=30).read()
+    context = browser.new_context(viewport={"width": 1600, "height": 1000})
+    context.add_init_script("localStorage.setItem('vueNodesBannerDismissed', 'true')")
+    page = context.new_page()
+    page.goto(server.url)
+    page.wait_for_function("window.app?.graph && window.LiteGraph && app.graph.nodes.length > 0", timeout=90_000)
+    yield page
+    context.close()
+
+
+def drop(page, path: Path, text: str | None = None) -> None:
+    page.evaluate(DROP_FILE, [path.read_text() if text is None else text, path.name])
+
+
+def missing_node_dialogs(page) -> int:
+    return page.locator(".comfy-missing-nodes").count()
+
+
+def test_the_missing_node_check_sees_an_unknown_node(page, tmp_path):
+    graph = json.loads((WORKFLOWS / "sd15_text_to_image.json").read_text())
+    graph["nodes"][0]["type"] = "NoSuchNodeAnywhere"
+    drop(page, tmp_path / "broken.json", json.dumps(graph))
+    page.wait_for_selector(".comfy-missing-nodes", timeout=30_000)
+    assert "NoSuchNodeAnywhere" in page.locator(".comfy-missing-nodes").inner_text()
+
+
+def quick_api(name: str) -> dict:
+    """The API twin with the factory's stand-in file names, one step and a small latent: what the test
+    sets in the UI before it queues."""
+    prompt, _ = map_to_stand_ins(json.loads((WORKFLOWS / "api" / name).read_text()))
+    for node in prompt.values():
+        if isinstance(node["inputs"].get("steps"), int):
+            node["inputs"]["steps"] = STEPS
+        if node["class_type"] == "EmptyLatentImage":
+            node["inputs"].update(width=SIDE, height=SIDE)
+    return prompt
+
+
+def without_titles(prompt: dict) -> dict:
+    return {i: {"class_type": n["class_type"], "inputs": n["inputs"]} for i, n in prompt.items()}
+
+
+def changed_widgets(frontend: dict, wanted: dict) -> dict:
+    return {i: {k: v for k, v in n["inputs"].items() if not isinstance(v, list) and frontend[i]["inputs"].get(k) != v}
+            for i, n in wanted.items()}
+
+
+def fit_view(page) -> None:
+    page.keyboard.press(".")  # the frontend's "fit view" key
+    page.wait_for_timeout(300)
+
+
+def save_screenshot(page, name: str) -> Path:
+    """Fit the graph to the window, and keep a small PNG of it."""
+    fit_view(page)
+    SCREENSHOTS.mkdir(exist_ok=True)
+    target = SCREENSHOTS / f"{Path(name).stem}.png"
+    raw = target.with_suffix(".raw.png")
+    page.screenshot(path=str(raw))
+    with Image.open(raw) as image:
+        small = image.convert("RGB").resize((960, 600), Image.LANCZOS).quantize(colors=128)
+        small.save(target, optimize=True)
+    raw.unlink()
+    return target
+
+
+@pytest.mark.parametrize("name", [p.name for p in UI_FILES])
+def test_frontend_opens_queues_and_shows_the_workflow(page, need_models, name):
+    path = WORKFLOWS / name
+    graph = json.loads(path.read_text())
+    api = json.loads((WORKFLOWS / "api" / name).read_text())
+    drop(page, path)
+    page.wait_for_function("(n) => app.graph.nodes.length === n", arg=len(graph["nodes"]), timeout=30_000)
+    page.wait_for_timeout(300)
+    assert missing_node_dialogs(page) == 0
+    assert page.evaluate("app.graph.links.size ?? Object.keys(app.graph.links).length") == len(graph["links"])
+    assert page.evaluate(BROKEN_LINKS) == []
+
+    frontend = page.evaluate("app.graphToPrompt().then(result => result.output)")
+    assert without_titles(frontend) == without_titles(api)
+    for node_id, node in api.items():
+        if "_meta" in node:
+            assert frontend[node_id]["_meta"]["title"] == node["_meta"]["title"]
+    if name in HEAVY:  # the frontend's part is done; the full SDXL run is the heavy server test's
+        save_screenshot(page, name)
+        return
+
+    wanted = quick_api(name)
+    _, needed = map_to_stand_ins(api)
+    need_models(*needed)
+    page.evaluate(SET_WIDGETS, changed_widgets(frontend, wanted))
+    assert without_titles(page.evaluate("app.graphToPrompt().then(result => result.output)")) == without_titles(wanted)
+
+    fit_view(page)
+    page.keyboard.press("Control+Enter")  # the Run button's shortcut (see QUEUE_NOTE)
+    save_ids = [int(i) for i, n in api.items() if n["class_type"] == "SaveImage"]
+    page.wait_for_function(f"() => {{ app.graph.setDirtyCanvas(true, true); "
+                           f"return {json.dumps(save_ids)}.every(id => ({SHOWN_IMAGES})(id).length > 0); }}",
+                           timeout=600_000, polling=500)
+    latent = [n["inputs"] for n in wanted.values() if n["class_type"] == "EmptyLatentImage"]
+    expected = [[latent[0]["width"], latent[0]["height"]]] * latent[0]["batch_size"] if latent else [[256, 256]]
+    for node_id in save_ids:
+        assert page.evaluate(SHOWN_IMAGES, node_id) == expected
+    assert missing_node_dialogs(page) == 0
+    assert save_screenshot(page, name).stat().st_size < 400_000

@@ -1,0 +1,167 @@
+"""The example workflows: every API workflow runs on the headless host with the factory models, every UI
+graph is its API twin (read back with the host's own widget order), and the host lists them as templates."""
+from __future__ import annotations
+
+import json
+import urllib.request
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tools import comfy_host
+from tools.run_example import WORKFLOWS, map_to_stand_ins
+
+pytestmark = pytest.mark.server
+
+API_FILES = sorted((WORKFLOWS / "api").glob("*.json"))
+UI_FILES = sorted(WORKFLOWS.glob("*.json"))
+# Full-size SDXL (2.6 B parameters, about 10 GB in float32 on the CPU): its own process, one step, 128 px.
+HEAVY = {"sdxl_ipadapter_style_composition.json"}
+WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+
+
+def quick(prompt: dict, steps: int, side: int | None = None) -> dict:
+    """The workflow with fewer sampling steps (and a smaller empty latent): the models are random anyway."""
+    for node in prompt.values():
+        if isinstance(node["inputs"].get("steps"), int):
+            node["inputs"]["steps"] = steps
+        if side and node["class_type"] == "EmptyLatentImage":
+            node["inputs"].update(width=side, height=side)
+    return prompt
+
+
+def expected_images(prompt: dict) -> tuple[int, tuple[int, int]]:
+    """How many images the workflow saves and their size: from its empty latent, else its 256 px input images."""
+    latents = [n["inputs"] for n in prompt.values() if n["class_type"] == "EmptyLatentImage"]
+    if latents:
+        return latents[0]["batch_size"], (latents[0]["width"], latents[0]["height"])
+    return 1, (256, 256)
+
+
+def run_workflow(server, need_models, name: str, steps: int = 1, side: int | None = 128):
+    prompt, needed = map_to_stand_ins(json.loads((WORKFLOWS / "api" / name).read_text()))
+    need_models(*needed)
+    prompt = quick(prompt, steps, side)
+    entry = server.run_prompt(prompt)
+    return prompt, entry, server.output_files(entry)
+
+
+def check_images(prompt: dict, files) -> list[np.ndarray]:
+    count, size = expected_images(prompt)
+    assert len(files) == count
+    pixels = []
+    for path in files:
+        with Image.open(path) as image:
+            assert image.size == size
+            pixels.append(np.asarray(image.convert("RGB"), dtype=np.float32))
+        assert pixels[-1].std() > 1.0, f"{path.name} is a flat colour"
+    return pixels
+
+
+@pytest.mark.parametrize("name", [p.name for p in API_FILES if p.name not in HEAVY])
+def test_api_workflow_runs_and_saves_its_images(server, need_models, name):
+    prompt, _, files = run_workflow(server, need_models, name)
+    pixels = check_images(prompt, files)
+    if name == "sd15_ipadapter_variation.json":
+        assert np.abs(pixels[0] - pixels[1]).mean() > 1.0, "the two variations are the same image"
+    if name == "sd15_ipadapter_inpaint.json":  # outside the mask the original is pasted back unchanged
+        with Image.open(WORKFLOWS / "images" / "mask_house.png") as mask, \
+                Image.open(WORKFLOWS / "images" / "reference.png") as original:
+            keep = np.asarray(mask.convert("L")) == 0
+            original = np.asarray(original.convert("RGB"), dtype=np.float32)
+        assert np.abs(pixels[0][keep] - original[keep]).max() <= 1.0
+        assert np.abs(pixels[0][~keep] - original[~keep]).mean() > 5.0, "the masked area was not repainted"
+
+
+@pytest.mark.heavy
+@pytest.mark.models("checkpoints/sdxl_layout.ckpt", "ipadapter/ip-adapter-plus_sdxl_vit-h.safetensors")
+@pytest.mark.parametrize("name", sorted(HEAVY))
+def test_sdxl_workflow_runs_on_the_full_sdxl_layout(tmp_path, need_models, name):
+    from tools.run_example import copy_example_images
+    server = comfy_host.HostServer(tmp_path, models_dir=need_models())
+    copy_example_images(server.base_dir / "input")
+    with server:
+        prompt, _, files = run_workflow(server, need_models, name, steps=1, side=128)
+        check_images(prompt, files)
+
+
+def ui_to_api(graph: dict, object_info: dict) -> dict:
+    """The API prompt a UI graph describes: links by input name, widget values by the host's input order
+    (skipping the frontend's seed-control values and upload button value)."""
+    links = {link[0]: link for link in graph["links"]}
+    prompt = {}
+    for node in graph["nodes"]:
+        info = object_info[node["type"]]
+        inputs = {}
+        for slot, entry in enumerate(node["inputs"]):
+            if entry.get("link") is None:
+                continue
+            _, origin, origin_slot, target, target_slot, link_type = links[entry["link"]]
+            assert (target, target_slot) == (node["id"], slot), f"link {entry['link']} does not end at its input"
+            origin_node = next(n for n in graph["nodes"] if n["id"] == origin)
+            assert entry["link"] in origin_node["outputs"][origin_slot]["links"]
+            assert link_type == object_info[origin_node["type"]]["output"][origin_slot] == entry["type"]
+            inputs[entry["name"]] = [str(origin), origin_slot]
+        values = list(node["widgets_values"])
+        for section in ("required", "optional"):
+            for name in info["input_order"].get(section, []):
+                kind, *options = info["input"][section][name]
+                options = options[0] if options else {}
+                if not (isinstance(kind, list) or kind in WIDGET_TYPES) or options.get("forceInput"):
+                    continue
+                value = values.pop(0)
+                if options.get("control_after_generate"):
+                    assert values.pop(0) in ("fixed", "increment", "decrement", "randomize")
+                if options.get("image_upload"):
+                    assert values.pop() == "image"
+                inputs.setdefault(name, value)
+        assert values == [], f"node {node['id']}: widget values left over: {values}"
+        prompt[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}
+    return prompt
+
+
+def with_defaults(prompt: dict, object_info: dict) -> dict:
+    """API nodes without their titles, widget inputs they leave out filled with the host's defaults."""
+    full = {}
+    for node_id, node in prompt.items():
+        inputs = dict(node["inputs"])
+        for section in ("required", "optional"):
+            for name, (kind, *options) in object_info[node["class_type"]]["input"].get(section, {}).items():
+                if name not in inputs and options and "default" in options[0]:
+                    inputs[name] = options[0]["default"]
+        full[node_id] = {"class_type": node["class_type"], "inputs": inputs}
+    return full
+
+
+def test_every_api_workflow_has_a_ui_twin_and_back():
+    assert [p.name for p in UI_FILES] == [p.name for p in API_FILES]
+
+
+@pytest.mark.parametrize("name", [p.name for p in UI_FILES])
+def test_ui_graph_describes_the_same_graph_as_its_api_twin(server, name):
+    graph = json.loads((WORKFLOWS / name).read_text())
+    api = json.loads((WORKFLOWS / "api" / name).read_text())
+    object_info = server.get_json("/object_info")
+    assert graph["version"] == 0.4 and graph["last_node_id"] == max(n["id"] for n in graph["nodes"])
+    assert ui_to_api(graph, object_info) == with_defaults(api, object_info)
+    for node in graph["nodes"]:
+        title = (api[str(node["id"])].get("_meta", {}).get("title") or object_info[node["type"]]["display_name"]
+                 or node["type"])
+        assert node["title"] == title
+    boxes = [(n["pos"][0], n["pos"][1], n["pos"][0] + n["size"][0], n["pos"][1] + n["size"][1]) for n in graph["nodes"]]
+    overlaps = [(a, b) for i, a in enumerate(boxes) for b in boxes[i + 1:]
+                if a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]]
+    assert not overlaps, "nodes drawn on top of each other"
+    for _, origin, _, target, _, _ in graph["links"]:
+        origin_x = next(n["pos"][0] for n in graph["nodes"] if n["id"] == origin)
+        assert origin_x < next(n["pos"][0] for n in graph["nodes"] if n["id"] == target), "a link runs right to left"
+
+
+def test_host_lists_the_ui_graphs_as_the_packs_templates(server):
+    listed = server.get_json("/workflow_templates")
+    assert sorted(listed[comfy_host.PACK_DIR_NAME]) == sorted(p.stem for p in UI_FILES)
+    for path in UI_FILES:
+        url = f"{server.url}/api/workflow_templates/{comfy_host.PACK_DIR_NAME}/{path.name}"
+        with urllib.request.urlopen(url, timeout=30) as response:
+            assert json.loads(response.read()) == json.loads(path.read_text())

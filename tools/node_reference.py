@@ -1,0 +1,96 @@
+"""The README's node reference, written from a live host's ``GET /object_info`` so that it stays true.
+
+    python -m tools.node_reference           # rewrite the README section between its markers
+    python -m tools.node_reference --print   # print the section instead
+
+Each of the pack's nodes: its display name and id, its description, every input in the host's order
+(type, default and range or choices, tooltip) and its outputs.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+from . import comfy_host
+
+README = comfy_host.REPO_ROOT / "README.md"
+START = "<!-- node reference: written by tools/node_reference.py from the host's /object_info -->"
+END = "<!-- end of node reference -->"
+MAX_LISTED_CHOICES = 8
+
+
+def pack_nodes(object_info: dict) -> list[dict]:
+    """This pack's node definitions, grouped by category in the order the host lists them."""
+    ours = [info for info in object_info.values() if info["python_module"] == f"custom_nodes.{comfy_host.PACK_DIR_NAME}"]
+    categories = list(dict.fromkeys(info["category"] for info in ours))
+    return sorted(ours, key=lambda info: categories.index(info["category"]))
+
+
+def _cell(text) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def input_kind(spec: list) -> str:
+    """An input's type with its default and range, or its choices."""
+    kind, options = spec[0], (spec[1] if len(spec) > 1 else {})
+    if isinstance(kind, list) or kind == "COMBO":
+        choices = kind if isinstance(kind, list) else options.get("options", [])
+        if "default" not in options:
+            return "a file name from the list"
+        if len(choices) <= MAX_LISTED_CHOICES:
+            return "one of " + ", ".join(f"`{c}`" for c in choices) + f" (default `{options['default']}`)"
+        return f"one of {len(choices)} choices (default `{options['default']}`)"
+    if kind in ("INT", "FLOAT"):
+        span = f", {options['min']} to {options['max']}" if "min" in options and "max" in options else ""
+        return f"{kind}, default {options.get('default')}{span}"
+    if kind in ("BOOLEAN", "STRING") and "default" in options:
+        return f"{kind}, default `{options['default']}`" if options["default"] != "" else f"{kind}, default empty"
+    return f"`{kind}`"
+
+
+def node_section(info: dict) -> str:
+    lines = [f"### {info['display_name'] or info['name']} (`{info['name']}`)", "", _cell(info.get("description", "")), "",
+             "| input | type | what it does |", "|---|---|---|"]
+    for section in ("required", "optional"):
+        for name in info.get("input_order", {}).get(section, []):
+            spec = info["input"][section][name]
+            tooltip = spec[1].get("tooltip", "") if len(spec) > 1 else ""
+            label = f"`{name}`" + (" (optional)" if section == "optional" else "")
+            lines.append(f"| {label} | {_cell(input_kind(spec))} | {_cell(tooltip)} |")
+    outputs = ", ".join(f"`{name}` ({kind})" for name, kind in zip(info["output_name"], info["output"]))
+    lines += ["", f"Outputs: {outputs or 'none (an output node)'}.", ""]
+    return "\n".join(lines)
+
+
+def reference(object_info: dict) -> str:
+    return "\n".join([START, "", *(node_section(info) for info in pack_nodes(object_info)), END])
+
+
+def replace_section(readme: str, section: str) -> str:
+    if START not in readme or END not in readme:
+        raise ValueError(f"README.md has no node reference markers ({START} ... {END})")
+    head, rest = readme.split(START, 1)
+    return head + section + rest.split(END, 1)[1]
+
+
+def current_section(readme: str) -> str:
+    return START + readme.split(START, 1)[1].split(END, 1)[0] + END
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--print", action="store_true", help="print the section instead of writing README.md")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="node-reference-") as base, comfy_host.HostServer(Path(base)) as server:
+        section = reference(server.get_json("/object_info"))
+    if args.print:
+        print(section)
+    else:
+        README.write_text(replace_section(README.read_text(), section))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
