@@ -20,3 +20,11 @@ if [ -z "${COMFYUI_PATH:-}" ]; then
   "$venv/bin/python" -m tools.comfy_host install 2>&1 | { grep -v "^WARNING: Location '.*' is ignored" || true; } >/dev/null
 fi
 "$venv/bin/python" -m tools.comfy_host path >/dev/null
+# Debian's Chromium for the browser tests (tests/test_browser.py), installed where apt-get is there to do it.
+if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null 2>&1; then
+  as_root=""; [ "$(id -u)" = 0 ] || as_root="sudo -n"
+  echo "tools/env.sh: installing chromium for the browser tests" >&2
+  { $as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium \
+    || { $as_root apt-get update -q && $as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; }; } \
+    >/dev/null 2>&1 || echo "tools/env.sh: could not install chromium; the browser tests need /usr/bin/chromium" >&2
+fi
