@@ -108,12 +108,10 @@ def record_batches(model):
     return clone, calls
 
 
-def diffusers_edit(model, sampling, c, sigmas, text_scale, image_scale, forced=None, unet=None, ip_adapter_embeds=None):
-    """diffusers' pipeline on the host's σ: (noisy latent and guided ε of each step, final latents). ``forced``
-    [x_0, x_1, ...]: the latents to continue from after each step (teacher forcing) instead of its own.
-    ``unet``: a diffusers twin to use (e.g. with an IP-Adapter loaded), then given ``ip_adapter_embeds``: CLIP
-    outputs [cond; uncond; uncond] as the pipeline takes them (it pairs them with its own batch)."""
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionInstructPix2PixPipeline
+def host_pipeline(pipeline_class, sampling, sigmas, **components):
+    """A diffusers pipeline of ``pipeline_class`` on the host's σ and timesteps: (pipeline, steps), where steps
+    collects (noisy latent, guided ε) at each of its Euler steps."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler
     scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                        timestep_spacing="leading")  # "leading": initial noise σ = sqrt(σ_max² + 1)
 
@@ -131,14 +129,31 @@ def diffusers_edit(model, sampling, c, sigmas, text_scale, image_scale, forced=N
     scheduler.step = recording_step
     vae = AutoencoderKL(block_out_channels=(32,), down_block_types=("DownEncoderBlock2D",),
                         up_block_types=("UpDecoderBlock2D",), latent_channels=4)  # only its config is read
-    unet = unet or diffusers_twin(model, dict(TINY_DIFFUSERS, in_channels=8))
-    pipe = StableDiffusionInstructPix2PixPipeline(vae=vae, text_encoder=None, tokenizer=None, unet=unet,
-                                                  scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                                  requires_safety_checker=False)
+    pipe = pipeline_class(vae=vae, scheduler=scheduler, **components)
     pipe.set_progress_bar_config(disable=True)
+    return pipe, steps
 
+
+def run_pipeline(pipe, sigmas, forced=None, **inputs) -> torch.Tensor:
+    """The final latents of ``pipe`` over ``sigmas``; ``forced`` [x_0, x_1, ...]: the latents to continue from
+    after each step (teacher forcing) instead of its own."""
     def force(pipe, i, t, tensors):
         return {"latents": forced[i + 1]} if forced is not None and i + 1 < len(forced) else {}
+    with torch.no_grad():
+        return pipe(num_inference_steps=len(sigmas) - 1, output_type="latent", callback_on_step_end=force,
+                    **inputs).images
+
+
+def diffusers_edit(model, sampling, c, sigmas, text_scale, image_scale, forced=None, unet=None, ip_adapter_embeds=None):
+    """diffusers' SD1.5 pipeline on the host's σ: (noisy latent and guided ε of each step, final latents), see
+    run_pipeline for ``forced``. ``unet``: a diffusers twin to use (e.g. with an IP-Adapter loaded), then given
+    ``ip_adapter_embeds``: CLIP outputs [cond; uncond; uncond] as the pipeline takes them (it pairs them with its
+    own batch)."""
+    from diffusers import StableDiffusionInstructPix2PixPipeline
+    unet = unet or diffusers_twin(model, dict(TINY_DIFFUSERS, in_channels=8))
+    pipe, steps = host_pipeline(StableDiffusionInstructPix2PixPipeline, sampling, sigmas, text_encoder=None,
+                                tokenizer=None, unet=unet, safety_checker=None, feature_extractor=None,
+                                requires_safety_checker=False)
     adapter_inputs = {}
     if ip_adapter_embeds is not None:
         adapter_inputs["ip_adapter_image_embeds"] = [ip_adapter_embeds]
@@ -150,10 +165,9 @@ def diffusers_edit(model, sampling, c, sigmas, text_scale, image_scale, forced=N
         def with_image_embeds(*args, added_cond_kwargs=None, **kwargs):
             return forward(*args, added_cond_kwargs={"image_embeds": ordered}, **kwargs)
         unet.forward = with_image_embeds
-    with torch.no_grad():
-        final = pipe(prompt_embeds=c.text, negative_prompt_embeds=c.null, image=c.image_latent, latents=c.noise,
-                     num_inference_steps=len(sigmas) - 1, guidance_scale=text_scale, image_guidance_scale=image_scale,
-                     output_type="latent", callback_on_step_end=force, **adapter_inputs).images
+    final = run_pipeline(pipe, sigmas, forced, prompt_embeds=c.text, negative_prompt_embeds=c.null,
+                         image=c.image_latent, latents=c.noise, guidance_scale=text_scale,
+                         image_guidance_scale=image_scale, **adapter_inputs)
     return steps, final
 
 
