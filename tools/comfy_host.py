@@ -165,7 +165,7 @@ class HostServer:
         with urllib.request.urlopen(self.url + path, timeout=timeout) as resp:
             return json.loads(resp.read())
 
-    def post_json(self, path: str, payload, timeout: float = 30):
+    def post_json(self, path: str, payload, timeout: float = 120):
         req = urllib.request.Request(self.url + path, data=json.dumps(payload).encode(),
                                      headers={"Content-Type": "application/json"})
         try:
