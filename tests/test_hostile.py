@@ -14,7 +14,8 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from tools import comfy_host, factory
+from bench.soak import base_prompt
+from tools import comfy_host
 
 pytestmark = pytest.mark.server
 
@@ -90,24 +91,10 @@ def hostile(tmp_path_factory, need_models):
 
 
 def good_prompt() -> dict:
-    return {
-        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "tiny_sd15.ckpt"}},
-        "2": {"class_type": "ImagePromptAdapterLoader", "inputs": {"ipadapter_file": PLUS}},
-        "3": {"class_type": "CLIPVisionLoader", "inputs": {"clip_name": VIT_H}},
-        "4": {"class_type": "LoadImage", "inputs": {"image": "ref.png"}},
-        "5": {"class_type": "ImagePromptApplyAdvanced", "inputs": {
-            "model": ["1", 0], "ipadapter": ["2", 0], "image": ["4", 0], "clip_vision": ["3", 0], "weight": 1.0,
-            "weight_type": "linear", "start_at": 0.0, "end_at": 1.0, "combine_embeds": "concat",
-            "embeds_scaling": "V only", "composition_weight": 1.0, "unfold_batch": False, "layer_weights": ""}},
-        "6": {"class_type": "CLIPTextEncode", "inputs": {"text": "a house", "clip": ["1", 1]}},
-        "7": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["1", 1]}},
-        "8": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
-        "9": {"class_type": "KSampler", "inputs": {
-            "model": ["5", 0], "seed": 1, "steps": 1, "cfg": 5.0, "sampler_name": "euler", "scheduler": "normal",
-            "positive": ["6", 0], "negative": ["7", 0], "latent_image": ["8", 0], "denoise": 1.0}},
-        "10": {"class_type": "VAEDecode", "inputs": {"samples": ["9", 0], "vae": ["1", 2]}},
-        "11": {"class_type": "SaveImage", "inputs": {"images": ["10", 0], "filename_prefix": "hostile"}},
-    }
+    """The soak's base graph (tiny SD1.5, IP-Adapter Plus through the Advanced node, 64 px, one step)."""
+    prompt = base_prompt()
+    prompt["4"]["inputs"]["image"] = "ref.png"
+    return prompt
 
 
 def set_input(node: str, **values):
