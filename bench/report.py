@@ -18,49 +18,55 @@ def _read(name: str):
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def _ratio(row: dict | None) -> str:
+def _ratio(row: dict | None, key: str = "ratio") -> str:
     if row is None:
         return "–"
-    r = row["ratio"]
+    r = row[key]
     return f"{(r['median'] - 1) * 100:+.1f} % [{(r['min'] - 1) * 100:+.1f}, {(r['max'] - 1) * 100:+.1f}]"
 
 
-def overhead_rows(host: dict, diffusers: dict | None) -> tuple[list[str], dict]:
-    """Markdown rows (variant | ours | cubiq | diffusers | FLOP floor) and the numbers for the plot."""
-    labels = list(host["flop_floor"])
-    rows, plotted = [], {}
-    for label in labels:
-        cells = {impl: (host if impl != "diffusers" else diffusers or {"variants": {}})["variants"].get(f"{impl}: {label}")
-                 for impl in IMPLEMENTATIONS}
-        floor = (host["flop_floor"][label] - 1) * 100
-        rows.append(f"| {label} | " + " | ".join(_ratio(cells[i]) for i in IMPLEMENTATIONS) + f" | {floor:+.2f} % |")
-        plotted[label] = {i: (cells[i]["ratio"]["median"] - 1) * 100 for i in IMPLEMENTATIONS if cells[i]}
-        plotted[label]["FLOP floor"] = floor
-    return rows, plotted
+def patch_cost_section(size: int) -> tuple[list[str], dict]:
+    """Per-step overhead from the patch cost on the real layer shapes (bench.patch_cost)."""
+    result = _read(f"patch_cost_{size}.json")
+    if result is None:
+        return [], {}
+    lines = [f"Bare UNet step {result['bare_step_cpu_s']:.2f} s CPU (batch 2, latent {size // 8}²); {result['rounds']} "
+             f"interleaved rounds; {result['machine']}; `{result['command']}`", "",
+             "| adapters | ours | ComfyUI_IPAdapter_plus | diffusers | FLOP floor |", "|---|---|---|---|---|"]
+    plotted = {}
+    for label, floor in result["flop_floor_pct"].items():
+        cells, plotted[label] = [], {"FLOP floor": floor}
+        for impl in IMPLEMENTATIONS:
+            row = result["variants"].get(f"{impl}: {label}")
+            if row is None:
+                cells.append("–")
+                continue
+            cells.append(f"{row['overhead_pct']:+.2f} % ({row['added_ms']['median']:.0f} ms)")
+            plotted[label][impl] = row["overhead_pct"]
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {floor:+.3f} % |")
+    return lines + [""], plotted
 
 
-def overhead_section(size: int, sets: list[str]) -> tuple[list[str], dict]:
-    lines, plotted = [], {}
-    for set_name in sets:
-        host = _read(f"step_overhead_{size}_{set_name}.json")
-        if host is None:
+def end_to_end_section(size: int, set_name: str) -> list[str]:
+    host = _read(f"step_overhead_{size}_{set_name}.json")
+    if host is None:
+        return []
+    bare = host["variants"]["bare"]
+    lines = [f"Bare step {bare['seconds']['median']:.1f} s CPU, {bare['wall_seconds']['median']:.0f} s wall (host: "
+             f"{host['attention']}); {host['rounds']} interleaved rounds; {host['machine']}; `{host['command']}`", "",
+             "| variant | CPU time vs bare | wall time vs bare | FLOP floor |", "|---|---|---|---|"]
+    for name, row in host["variants"].items():
+        if name == "bare":
             continue
-        diffusers = _read(f"step_overhead_{size}_{set_name}_diffusers.json")
-        bare = host["variants"]["bare"]["seconds"]["median"]
-        lines += [f"Bare step {bare:.1f} s (host: {host['attention']}); {host['rounds']} interleaved rounds; "
-                  f"{host['machine']}; `{host['command']}`"
-                  + (f"; diffusers bare step {diffusers['variants']['bare']['seconds']['median']:.1f} s, "
-                     f"`{diffusers['command']}`" if diffusers else ""), "",
-                  "| adapters | ours | ComfyUI_IPAdapter_plus | diffusers | FLOP floor |", "|---|---|---|---|---|"]
-        rows, numbers = overhead_rows(host, diffusers)
-        lines += rows + [""]
-        plotted.update(numbers)
-    return lines, plotted
+        floor = host["flop_floor"].get(name.split(": ", 1)[1])
+        lines.append(f"| {name} | {_ratio(row)} | {_ratio(row, 'wall_ratio')} | "
+                     f"{'–' if floor is None else f'{(floor - 1) * 100:+.2f} %'} |")
+    return lines + [""]
 
 
 def dispatch_section() -> list[str]:
     lines = ["| attention | implementation | adapters | patched layers | operators added per layer per adapter "
-             "| host syncs added per step |", "|---|---|---|---|---|---|"]
+             "| operators added vs one adapter | host syncs added per step |", "|---|---|---|---|---|---|---|"]
     commands = []
     for name, attention in (("sdpa", "SDPA"), ("subquad", "host CPU default (sub-quadratic)")):
         results = _read(f"dispatch_budget_sd15_{name}.json")
@@ -69,9 +75,11 @@ def dispatch_section() -> list[str]:
         commands.append(f"`python -m bench.dispatch_budget --full{' --pytorch-attention' if name == 'sdpa' else ''} "
                         f"--cubiq /tmp/cubiq_pack`")
         for result in results:
+            one = result["stacks"][0]["ops_added"]
             for row in result["stacks"]:
                 lines.append(f"| {attention} | {NAMES[result['implementation']]} | {row['adapters']} | {result['layers']} "
-                             f"| {row['ops_per_layer_per_adapter']:.2f} | {row['syncs_added']} |")
+                             f"| {row['ops_per_layer_per_adapter']:.2f} | ×{row['ops_added'] / one:.2f} "
+                             f"| {row['syncs_added']} |")
     return lines + ["", "Reproduce: " + ", ".join(commands), ""]
 
 
@@ -105,42 +113,57 @@ def load_section() -> list[str]:
     return lines
 
 
-def plot(plotted: dict, path: Path) -> None:
+def plot(plotted: dict, dispatch: list, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.5), gridspec_kw={"width_ratios": [3, 1]})
     labels = list(plotted)
     series = ["ours", "cubiq", "diffusers", "FLOP floor"]
-    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(labels)), 4))
     width = 0.8 / len(series)
     for i, name in enumerate(series):
         values = [plotted[label].get(name, float("nan")) for label in labels]
-        ax.bar([x + i * width for x in range(len(labels))], values, width, label=NAMES.get(name, name))
-    ax.set_xticks([x + 1.5 * width for x in range(len(labels))], labels, rotation=20, ha="right")
-    ax.set_ylabel("added per UNet step, % of the bare step")
-    ax.axhline(0, color="black", linewidth=0.5)
-    ax.legend()
-    ax.set_title("IP-Adapter overhead, full SD1.5 UNet, 2-core CPU (median of interleaved rounds)")
+        left.bar([x + i * width for x in range(len(labels))], values, width, label=NAMES.get(name, name))
+    left.set_xticks([x + 1.5 * width for x in range(len(labels))], labels, rotation=25, ha="right")
+    left.set_ylabel("added per UNet step, % of the bare step (CPU time)")
+    left.axhline(0, color="black", linewidth=0.5)
+    left.legend()
+    left.set_title("IP-Adapter per-step overhead, full SD1.5 UNet, 2-core CPU")
+    names = [f"{NAMES[r['implementation']]}\n{r['attention_short']}" for r in dispatch]
+    right.bar(range(len(dispatch)), [r["stacks"][0]["ops_per_layer_per_adapter"] for r in dispatch],
+              color=["C0" if r["implementation"] == "ours" else "C1" for r in dispatch])
+    right.set_xticks(range(len(dispatch)), names, fontsize=7)
+    right.set_ylabel("operators added per layer (1 adapter)")
+    right.set_title("Dispatch budget")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
 
 def main(argv: list[str]) -> int:
-    lines = ["# Speed results", "", "Generated by `python -m bench.report` from the JSON files beside it. Overheads are"
-             " the UNet step's time with the adapter over the bare step in the same round, median [min, max] over"
-             " rounds. CPU timings: a 2-core CPU shared with other jobs, torch on 1 thread.", ""]
+    lines = ["# Speed results", "", "Generated by `python -m bench.report` from the JSON files beside it. CPU timings:"
+             " a 2-core CPU shared with other jobs, torch on 1 thread; overheads in CPU time of the benchmark"
+             " process (wall time on a shared machine also counts other jobs' time slices).", ""]
     plotted = {}
     for size in (256, 512):
-        section, numbers = overhead_section(size, ["types", "stacks", "types-512"])
+        section, numbers = patch_cost_section(size)
         if section:
-            lines += [f"## Per-step overhead, {size} px", ""] + section
-            plotted.update({f"{label} {size}px": v for label, v in numbers.items()})
+            lines += [f"## Per-step overhead at {size} px (patch cost on the 16 layers' shapes over the bare step)", ""]
+            lines += section
+            plotted.update({f"{label}, {size} px": v for label, v in numbers.items()})
+    for size, set_name in ((256, "types"), (256, "stacks"), (512, "types-512")):
+        section = end_to_end_section(size, set_name)
+        if section:
+            lines += [f"## Whole steps through the host's sampler, {size} px ({set_name})", ""] + section
     lines += ["## Dispatch budget (torch profiler, full SD1.5 UNet, one batch-2 call)", ""] + dispatch_section()
     lines += ["## Instruction edit guider", ""] + edit_section()
     lines += ["## Adapter load and CLIP-vision encode", ""] + load_section()
     (RESULTS / "speed.md").write_text("\n".join(lines))
+    dispatch = []
+    for name, short in (("sdpa", "SDPA"), ("subquad", "sub-quad")):
+        for result in _read(f"dispatch_budget_sd15_{name}.json") or []:
+            dispatch.append(dict(result, attention_short=short))
     if plotted:
-        plot(plotted, RESULTS / "speed.png")
+        plot(plotted, dispatch, RESULTS / "speed.png")
     print(RESULTS / "speed.md")
     return 0
 

@@ -50,7 +50,10 @@ def half_mask(size: int) -> torch.Tensor:
 def token_counts(size: int) -> dict[int, int]:
     """Latent positions N at each cross-attention width of SD1.5 (the middle block is listed separately)."""
     side = size // 8
-    return {320: side * side, 640: -(-side // 2) ** 2, 1280: -(-side // 4) ** 2, "middle": -(-side // 8) ** 2}
+    halved = [side]
+    for _ in range(3):
+        halved.append((halved[-1] + 1) // 2)  # the strided convolutions round up
+    return {320: halved[0] ** 2, 640: halved[1] ** 2, 1280: halved[2] ** 2, "middle": halved[3] ** 2}
 
 
 def added_flops(size: int, kinds: list[str], batch: int = 2) -> int:
