@@ -66,6 +66,19 @@ def _is_link(value) -> bool:
     return isinstance(value, list) and len(value) == 2 and isinstance(value[0], str) and isinstance(value[1], int)
 
 
+def with_defaults(prompt: dict, object_info: dict) -> dict:
+    """The API nodes without titles, each widget input they leave out set to the host's default (what a
+    graph saved by the frontend, which writes every widget, gives back)."""
+    full = {}
+    for node_id, node in prompt.items():
+        inputs = dict(node["inputs"])
+        for name, spec, _ in ordered_inputs(object_info[node["class_type"]]):
+            if name not in inputs and is_widget(spec) and len(spec) > 1 and "default" in spec[1]:
+                inputs[name] = spec[1]["default"]
+        full[node_id] = {"class_type": node["class_type"], "inputs": inputs}
+    return full
+
+
 def _depths(prompt: dict) -> dict[str, int]:
     """Column of each node: the longest chain of links from a node with no linked inputs."""
     depth: dict[str, int] = {}
