@@ -15,6 +15,7 @@ latents come from each side's own free trajectory.
 """
 from __future__ import annotations
 
+import inspect
 from types import SimpleNamespace
 
 import pytest
@@ -137,11 +138,20 @@ def host_pipeline(pipeline_class, sampling, sigmas, **components):
 def run_pipeline(pipe, sigmas, forced=None, **inputs) -> torch.Tensor:
     """The final latents of ``pipe`` over ``sigmas``; ``forced`` [x_0, x_1, ...]: the latents to continue from
     after each step (teacher forcing) instead of its own."""
-    def force(pipe, i, t, tensors):
-        return {"latents": forced[i + 1]} if forced is not None and i + 1 < len(forced) else {}
+    def next_latents(i: int) -> torch.Tensor | None:
+        return forced[i + 1] if forced is not None and i + 1 < len(forced) else None
+    if "callback_on_step_end" in inspect.signature(pipe.__call__).parameters:
+        def force(pipe, i, t, tensors):
+            latents = next_latents(i)
+            return {} if latents is None else {"latents": latents}
+        inputs["callback_on_step_end"] = force
+    else:  # the older interface (SDXL InstructPix2Pix): the callback sees the live latents
+        def force_in_place(i, t, latents):
+            if (replacement := next_latents(i)) is not None:
+                latents.copy_(replacement)
+        inputs["callback"] = force_in_place
     with torch.no_grad():
-        return pipe(num_inference_steps=len(sigmas) - 1, output_type="latent", callback_on_step_end=force,
-                    **inputs).images
+        return pipe(num_inference_steps=len(sigmas) - 1, output_type="latent", **inputs).images
 
 
 def diffusers_edit(model, sampling, c, sigmas, text_scale, image_scale, forced=None, unet=None, ip_adapter_embeds=None):
