@@ -49,7 +49,7 @@ def guiders(model, side: int):
     g = torch.Generator().manual_seed(0)
     text, null = ([[torch.randn(1, 77, 768, generator=g), {}]] for _ in range(2))
     image_latent = torch.randn(1, 4, side, side, generator=g)
-    positive, image_only, negative, _ = nodes.NODE_CLASS_MAPPINGS["InstructEditConditioning"].execute(
+    positive, image_only, negative, *_ = nodes.NODE_CLASS_MAPPINGS["InstructEditConditioning"].execute(
         positive=text, negative=null, latent={"samples": image_latent}).result
     ours = nodes.NODE_CLASS_MAPPINGS["InstructEditGuider"]
 

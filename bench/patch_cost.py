@@ -100,20 +100,22 @@ def diffusers_sweeps(impl: harness.Implementations, inputs, size: int) -> dict:
 
     plain = [AttnProcessor2_0() for _ in modules]
     sweeps = {"diffusers bare": lambda: run(plain, text, {})}
+    files, projections = {}, {}  # one float copy of each adapter kind, shared by the variants stacking it
+    for kind in {k for _, kinds, _ in VARIANTS for k in kinds}:
+        state = torch.load(factory.models_dir() / harness.ADAPTERS[kind], weights_only=True)
+        files[kind] = {group: {k: v.float() for k, v in sd.items()} for group, sd in state.items()}
+        projections[kind] = converter._convert_ip_adapter_image_proj_to_diffusers(files[kind]["image_proj"]).eval()
     for label, kinds, masked in VARIANTS:
-        files = [torch.load(factory.models_dir() / harness.ADAPTERS[k], weights_only=True) for k in kinds]
-        projection = MultiIPAdapterImageProjection(
-            [converter._convert_ip_adapter_image_proj_to_diffusers({k: v.float() for k, v in f["image_proj"].items()})
-             for f in files]).eval()
+        projection = MultiIPAdapterImageProjection([projections[k] for k in kinds]).eval()
         embeds = [torch.cat(impl.embeds(k)[::-1]).unsqueeze(1) for k in kinds]  # [uncond; cond], one image each
         with torch.no_grad():
             tokens = tuple(state.shape[-2] for state in projection(embeds))
         processors = []
         for i, module in enumerate(modules):
             processor = IPAdapterAttnProcessor2_0(module.to_q.out_features, 768, num_tokens=tokens, scale=[1.0] * len(kinds))
-            for a, f in enumerate(files):
-                processor.to_k_ip[a].weight.data = f["ip_adapter"][f"{2 * i + 1}.to_k_ip.weight"].float()
-                processor.to_v_ip[a].weight.data = f["ip_adapter"][f"{2 * i + 1}.to_v_ip.weight"].float()
+            for a, kind in enumerate(kinds):
+                processor.to_k_ip[a].weight.data = files[kind]["ip_adapter"][f"{2 * i + 1}.to_k_ip.weight"]
+                processor.to_v_ip[a].weight.data = files[kind]["ip_adapter"][f"{2 * i + 1}.to_v_ip.weight"]
             processors.append(processor.eval())
         kwargs = {"ip_adapter_masks": [half_mask(size)[None]] * len(kinds)} if masked else {}
 
@@ -135,6 +137,7 @@ def interleave(sweeps: dict, rounds: int) -> dict[str, list[float]]:
                 start = time.process_time()
                 sweeps[name]()
                 times[name].append(time.process_time() - start)
+            print(f"round {r + 1}/{rounds}", flush=True)
     return times
 
 
@@ -144,7 +147,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--bare-steps", type=int, default=2, help="bare UNet steps timed for the denominator")
     parser.add_argument("--cubiq", type=Path, help="an unpacked ComfyUI_IPAdapter_plus folder to compare with")
-    parser.add_argument("--no-diffusers", action="store_true")
+    parser.add_argument("--only", choices=("host", "diffusers"),
+                        help="only the host's patches (ours, cubiq) or only diffusers' processors (less memory)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: see bench.step_overhead)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
@@ -173,9 +177,9 @@ def main(argv: list[str]) -> int:
 
     impl = harness.Implementations()
     inputs = layer_inputs(model, args.size)
-    implementations = ["ours"] + (["cubiq"] if args.cubiq else [])
+    implementations = [] if args.only == "diffusers" else ["ours"] + (["cubiq"] if args.cubiq else [])
     sweeps = host_sweeps(model, impl, inputs, implementations, half_mask(args.size))
-    if not args.no_diffusers:
+    if args.only != "host":
         sweeps.update(diffusers_sweeps(impl, inputs, args.size))
     times = interleave(sweeps, args.rounds)
 

@@ -30,8 +30,12 @@ def patch_cost_section(size: int) -> tuple[list[str], dict]:
     result = _read(f"patch_cost_{size}.json")
     if result is None:
         return [], {}
-    lines = [f"Bare UNet step {result['bare_step_cpu_s']:.2f} s CPU (batch 2, latent {size // 8}²); {result['rounds']} "
-             f"interleaved rounds; {result['machine']}; `{result['command']}`", "",
+    runs = [result] + [r for r in [_read(f"patch_cost_{size}_diffusers.json")] if r]
+    for extra in runs[1:]:  # diffusers measured in a run of its own (over its own bare step)
+        result = dict(result, variants={**result["variants"], **extra["variants"]})
+    lines = [f"Bare UNet step {run['bare_step_cpu_s']:.2f} s CPU (batch 2, latent {size // 8}²); {run['rounds']} "
+             f"interleaved rounds; {run['machine']}; `{run['command']}`" for run in runs]
+    lines = ["; ".join(lines), "",
              "| adapters | ours | ComfyUI_IPAdapter_plus | diffusers | FLOP floor |", "|---|---|---|---|---|"]
     plotted = {}
     for label, floor in result["flop_floor_pct"].items():
