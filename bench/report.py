@@ -133,10 +133,11 @@ def plot(plotted: dict, dispatch: list, path: Path) -> None:
     left.axhline(0, color="black", linewidth=0.5)
     left.legend()
     left.set_title("IP-Adapter per-step overhead, full SD1.5 UNet, 2-core CPU")
-    names = [f"{NAMES[r['implementation']]}\n{r['attention_short']}" for r in dispatch]
+    short = {"ours": "ours", "cubiq": "IPAdapter_plus"}
+    names = [f"{short[r['implementation']]}\n{r['attention_short']}" for r in dispatch]
     right.bar(range(len(dispatch)), [r["stacks"][0]["ops_per_layer_per_adapter"] for r in dispatch],
               color=["C0" if r["implementation"] == "ours" else "C1" for r in dispatch])
-    right.set_xticks(range(len(dispatch)), names, fontsize=7)
+    right.set_xticks(range(len(dispatch)), names, fontsize=7, rotation=30, ha="right")
     right.set_ylabel("operators added per layer (1 adapter)")
     right.set_title("Dispatch budget")
     fig.tight_layout()
