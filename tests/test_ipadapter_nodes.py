@@ -240,14 +240,21 @@ def test_unfold_batch_through_the_advanced_node_gives_one_image_per_latent(host,
     assert spec.cond_tokens.shape == (3, 16, 768) and spec.image_weights == (1.0, 0.5, 0.0)
 
 
-def test_frame_weights_join_key_values_and_split_the_batch(host):
-    weights, invert, total, first, second = run(
-        host, "ImagePromptFrameWeights", weights="1.0, 0.0", timing="linear", frames=4, start_frame=0,
-        end_frame=9999, add_starting_frames=1, add_ending_frames=0, method="alternate batches",
-        image=torch.arange(4.0).reshape(4, 1, 1, 1).expand(4, 2, 2, 3))
-    assert weights == pytest.approx([1.0, 1.0, 0.75, 0.5, 0.25, 0.0]) and total == 6
-    assert invert == pytest.approx([0.0, 0.0, 0.25, 0.5, 0.75, 1.0])
-    assert first[:, 0, 0, 0].tolist() == [0.0, 2.0] and second[:, 0, 0, 0].tolist() == [1.0, 3.0]
+def test_frame_weights_make_one_transition_per_image(host):
+    frames_of = torch.arange(2.0).reshape(2, 1, 1, 1).expand(2, 2, 2, 3)  # image i is all i
+    common = dict(weights="1.0, 0.0", timing="linear", frames=5, start_frame=0, end_frame=9999, image=frames_of)
+    weights, invert, total, first, second = run(host, "ImagePromptFrameWeights", add_starting_frames=1,
+                                                add_ending_frames=0, method="full batch", **common)
+    ramp = [1.0, 0.75, 0.5, 0.25, 0.0]
+    assert weights == pytest.approx([1.0] + ramp * 2) and total == 11 and invert == weights[::-1]
+    assert first[:, 0, 0, 0].tolist() == [0.0] * 6 + [1.0] * 5 and second is None
+    weights, _, _, first, second = run(host, "ImagePromptFrameWeights", add_starting_frames=0, add_ending_frames=0,
+                                       method="shift batches", **common)
+    assert weights == pytest.approx(ramp)  # image 0 fades out while image 1 comes in
+    assert first[:, 0, 0, 0].tolist() == [0.0] * 5 and second[:, 0, 0, 0].tolist() == [1.0] * 5
+    held, *_ = run(host, "ImagePromptFrameWeights", weights="0.2, 0.8", timing="ease_in_out", frames=6, start_frame=2,
+                   end_frame=4, add_starting_frames=0, add_ending_frames=0, method="full batch")
+    assert held == pytest.approx([0.2, 0.2, 0.2, 0.8, 0.8, 0.8])  # first value before the span, last after
     with pytest.raises(ValueError, match="weights: expected numbers"):
         run(host, "ImagePromptFrameWeights", weights="1, x", timing="custom", frames=0, start_frame=0, end_frame=9,
             add_starting_frames=0, add_ending_frames=0, method="full batch")

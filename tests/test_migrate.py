@@ -726,15 +726,8 @@ def test_command_writes_the_workflow_and_prints_the_report(tmp_path):
 
 # --- migrated graphs on the real host ---------------------------------------------------------------------------
 
-FRAME_WEIGHTS_DIFFER = pytest.mark.xfail(strict=True, reason=(
-    "ImagePromptFrameWeights builds another schedule than IPAdapterWeights: 3 weights for 2 frames and the images "
-    "passed through (that pack: 'frames' weights tiled per image, each image repeated per weight), so the migrated "
-    "animation graph asks for 3 weights on 2 images"))
-
-
 @pytest.mark.server
-@pytest.mark.parametrize("name", [pytest.param(name, marks=FRAME_WEIGHTS_DIFFER) if name == "batch_weights" else name
-                                  for name in sorted(UI_GRAPHS)])
+@pytest.mark.parametrize("name", sorted(UI_GRAPHS))
 def test_migrated_ui_graph_runs_on_the_host(server, object_info, name):
     migrated, _ = migrate(UI_GRAPHS[name]())
     prompt = ui_to_api(migrated, object_info)
@@ -836,8 +829,6 @@ DROP_WORKFLOW = """([text, name]) => {
 
 @pytest.mark.browser
 @pytest.mark.server
-@pytest.mark.xfail(strict=True, reason="the pack does not serve web/ (WEB_DIRECTORY) nor the routes "
-                                       "/image_prompt/migration_table and /image_prompt/migrate yet")
 def test_editor_offers_the_migration_and_queues_what_the_command_writes(server, object_info):
     """web/migrate_ipadapter_plus.js in the real frontend: dropping a graph of that pack asks, migrates
     through the pack's route, and the editor's prompt equals the command's migration; it runs."""
