@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
 # attention(q [B, N, C], k [B, M, C], v [B, M, C], heads, **options) -> [B, N, C]
 AttentionFn = Callable[..., torch.Tensor]
@@ -112,51 +113,77 @@ class DecoupledCrossAttention:
         self.adapters = adapters
         self.uncond_chunks = uncond_chunks
         self._batched: dict = {}
+        self._step: tuple = (None, {})  # this step's sigmas tensor and the sigma-gated factors computed for it
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, options: dict) -> torch.Tensor:
         heads, precision = options["n_heads"], options.get("attn_precision")
-        out = self.attention(q, k, v, heads, attn_precision=precision, transformer_options=options)
+        out = self.attention(q, k, v, heads, attn_precision=precision, transformer_options=options).contiguous()
         block = options["block"]
         layer = self.layers[(block[0], block[1], options.get("block_index", 0))]
         flags = self.uncond_chunks(options)
+        b, n, c = q.shape
+        q_heads = q.view(b, n, heads, c // heads).transpose(1, 2)  # [B, H, N, d], a view
+        out_heads = out.view(b, n, heads, c // heads).transpose(1, 2)  # a view of this call's own tensor
+        upcast = precision is torch.float32 and q.dtype != torch.float32  # the model asks for fp32 attention
         for index, adapter in enumerate(self.adapters):
             if adapter.layer_weights[layer] == 0:
                 continue
-            k_ip, v_ip, scale = self._batched_kv(index, adapter, layer, flags, q.shape[0] // len(flags), q.device,
+            k_ip, v_ip, scale = self._batched_kv(index, adapter, layer, flags, b // len(flags), heads, q.device,
                                                  q.dtype)
-            term = self.attention(q, k_ip, v_ip, heads, attn_precision=precision)
-            if adapter.sigma_range is not None:  # compared on the device: no host sync
-                high, low = adapter.sigma_range
-                sigma = options["sigmas"][:1]
-                scale = ((sigma <= high) & (sigma >= low)).to(q.dtype) * scale
-            if adapter.mask is not None:
-                term = term * self._mask(index, adapter, q.shape[1], tuple(options["original_shape"][-2:]),
-                                         q.device, q.dtype)
-            if isinstance(scale, float):
-                out = out.add_(term, alpha=scale)  # one kernel; ``out`` is this call's own tensor
+            # torch's SDPA whatever the host's attention: with a few image keys it is the fastest on CPU (the
+            # host's CPU default chunks the queries), and what the host itself uses on GPUs
+            if upcast:
+                term = F.scaled_dot_product_attention(q_heads.float(), k_ip.float(), v_ip.float()).to(q.dtype)
             else:
-                out = out + term * scale
+                term = F.scaled_dot_product_attention(q_heads, k_ip, v_ip)
+            factor = self._factor(index, adapter, scale, n, options, q.device, q.dtype)
+            if factor is None:
+                out_heads.add_(term, alpha=scale)  # one kernel
+            else:
+                out_heads.addcmul_(term, factor)  # one kernel: mask, weight and sigma gate in one factor
         return out
 
-    def _mask(self, index, adapter, tokens, latent_hw, device, dtype):
-        key = ("mask", index, tokens, latent_hw, device, dtype)
+    def _factor(self, index, adapter, scale, tokens, options, device, dtype):
+        """None for a plain weight; else what multiplies the image term: the mask on this layer's token grid
+        times the weight ([tokens, 1]) or the weight alone ([1, 1]), times 0 or 1 for the sigma range. The
+        range is compared on the device (no host sync), once per step: a step is one ``sigmas`` tensor."""
+        if adapter.mask is None and adapter.sigma_range is None:
+            return None
+        latent_hw = tuple(options["original_shape"][-2:])
+        key = ("factor", index, tokens, latent_hw, device, dtype)
         if key not in self._batched:
-            self._batched[key] = mask_grid(adapter.mask, tokens, latent_hw).to(device, dtype)
-        return self._batched[key]
+            grid = torch.ones(1, 1) if adapter.mask is None else mask_grid(adapter.mask, tokens, latent_hw)
+            self._batched[key] = grid.to(device, dtype) * scale
+        if adapter.sigma_range is None:
+            return self._batched[key]
+        sigmas, gated = self._step
+        if sigmas is not options["sigmas"]:
+            sigmas, gated = self._step = (options["sigmas"], {})
+        if key not in gated:
+            if index not in gated:
+                high, low = adapter.sigma_range
+                gated[index] = ((sigmas[:1] <= high) & (sigmas[:1] >= low)).to(device, dtype)
+            gated[key] = self._batched[key] * gated[index]
+        return gated[key]
 
-    def _batched_kv(self, index, adapter, layer, flags, rows, device, dtype):
-        """Image K/V laid out like the batch ([B, T, C]): uncond chunks get the uncond tokens, the rest cond;
-        row r of a chunk gets image r mod n."""
-        key = (index, layer, flags, rows, device, dtype)
+    def _batched_kv(self, index, adapter, layer, flags, rows, heads, device, dtype):
+        """Image K/V laid out like the batch, head-major ([B, H, T, d]): uncond chunks get the uncond tokens,
+        the rest cond; row r of a chunk gets image r mod n."""
+        key = (index, layer, flags, rows, heads, device, dtype)
         if key not in self._batched:
             k_pair, v_pair, scale = adapter.image_kv(layer, device, dtype)
             n = adapter.cond_tokens.shape[0]
             pick = torch.tensor([(0 if uncond else n) + r % n for uncond in flags for r in range(rows)], device=device)
-            self._batched[key] = (k_pair.index_select(0, pick), v_pair.index_select(0, pick), scale)
+
+            def head_major(x):
+                x = x.index_select(0, pick)
+                return x.view(x.shape[0], x.shape[1], heads, -1).transpose(1, 2).contiguous()
+            self._batched[key] = (head_major(k_pair), head_major(v_pair), scale)
         return self._batched[key]
 
     def __deepcopy__(self, memo):
-        """The host deep-copies model options on every clone; this object is never mutated, so share it."""
+        """The host deep-copies model options on every clone; share this object (its caches are keyed by
+        layer, device, dtype and step, so clones may use them together)."""
         return self
 
     def to(self, *args, **kwargs):

@@ -11,13 +11,12 @@ import torch
 
 from tools import factory
 from tools.comfy_host import pack_module
+from tools.factory.edit_models import TINY_SD15_DIFFUSERS
 from tools.factory.ipadapters import BY_STEM, adapter_state_dict
 
 pytestmark = pytest.mark.host
 
-TINY_DIFFUSERS = dict(sample_size=8, in_channels=4, out_channels=4, down_block_types=("CrossAttnDownBlock2D",),
-                      up_block_types=("CrossAttnUpBlock2D",), block_out_channels=(320,), layers_per_block=1,
-                      cross_attention_dim=768, attention_head_dim=8)
+TINY_DIFFUSERS = TINY_SD15_DIFFUSERS  # the tiny factory UNet's diffusers config
 SD15_DIFFUSERS = dict(sample_size=64, in_channels=4, out_channels=4, cross_attention_dim=768, attention_head_dim=8,
                       block_out_channels=(320, 640, 1280, 1280), layers_per_block=2)
 
@@ -298,3 +297,55 @@ def test_written_block_weights_match_diffusers_per_layer_scales(tiny, tmp_path):
     with pytest.raises(ValueError, match=r"layer_weights: '7:1' is not 'index:weight' with an attention block index "
                                          r"0..3"):
         tiny.node_spec(adapter, cond, uncond, 1.0, block_weights="7:1")
+
+
+SDXL_DIFFUSERS = dict(sample_size=128, in_channels=4, out_channels=4, cross_attention_dim=2048,
+                      down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                      up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                      block_out_channels=(320, 640, 1280), layers_per_block=2, transformer_layers_per_block=(1, 2, 10),
+                      attention_head_dim=(5, 10, 20), use_linear_projection=True, addition_embed_type="text_time",
+                      addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816)
+
+
+@pytest.mark.heavy
+@pytest.mark.models("checkpoints/sdxl_layout.ckpt")
+@pytest.mark.parametrize("stem", ["ip-adapter-plus_sdxl_vit-h"])
+def test_real_sdxl_layout_matches_diffusers(host, tmp_path, stem):
+    """The 70-layer SDXL file layout on the full SDXL topology (middle block id 139). The diffusers twin
+    shares the host's weight tensors (one copy of the 2.6 B parameters)."""
+    import comfy.utils
+    from diffusers import UNet2DConditionModel
+    model = host.CheckpointLoaderSimple().load_checkpoint("sdxl_layout.ckpt")[0]
+    mapping = comfy.utils.unet_to_diffusers(model.model.model_config.unet_config)
+    host_sd = model.model.diffusion_model.state_dict()
+    with torch.device("meta"):
+        twin = UNet2DConditionModel(**SDXL_DIFFUSERS)
+    twin.load_state_dict({k: host_sd[mapping[k]] for k in twin.state_dict()}, strict=True, assign=True)
+    full = Setup.__new__(Setup)
+    full.model, full.twin, full.widths = model, twin.eval(), None
+    full.loader, full.projection = pack_module("ipadapter_core.loader"), pack_module("ipadapter_core.projection")
+    full.attention, full.patch = pack_module("ipadapter_core.attention"), pack_module("nodes.ipadapter_patch")
+    g = torch.Generator().manual_seed(12)
+    x, t, context = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([421.0, 421.0]), torch.randn(2, 77, 2048, generator=g)
+    text_embeds, time_ids = torch.randn(2, 1280, generator=g), torch.tensor([[64.0, 64, 0, 0, 64, 64]] * 2)
+    with torch.no_grad():  # the host's adm vector is diffusers' [text_embeds, time_ids embedded]
+        y = torch.cat([text_embeds, twin.add_time_proj(time_ids.flatten()).reshape(2, -1)], dim=1)
+    adapter, state = full.adapter(stem, 121, tmp_path)
+    cond, uncond = embeds_for(adapter.variant, g), embeds_for(adapter.variant, g)
+    patched = full.patch.patch_model(model, adapter, full.spec(adapter, cond, uncond, 1.0))
+
+    def host_run(m):
+        options = dict(m.model_options["transformer_options"], cond_or_uncond=[1, 0], sigmas=torch.tensor([1.0]))
+        with torch.no_grad():
+            return m.model.diffusion_model(x, timesteps=t, context=context, y=y, transformer_options=options)
+    ours, plain = host_run(patched), host_run(model)
+    twin._load_ip_adapter_weights([state])
+    for processor in twin.attn_processors.values():
+        if hasattr(processor, "scale"):
+            processor.scale = [1.0]
+    with torch.no_grad():
+        theirs = twin(x, t, encoder_hidden_states=context, added_cond_kwargs={
+            "text_embeds": text_embeds, "time_ids": time_ids,
+            "image_embeds": [_diffusers_embeds(adapter.variant, uncond, cond)]}).sample
+    assert (ours - plain).abs().max() > 100 * (ours - theirs).abs().max()
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-4)
