@@ -18,6 +18,8 @@ import sys
 import time
 from pathlib import Path
 
+from ipadapter_core.variants import FACEID_PRESETS, PRESETS, PUBLIC_FILES
+
 from . import comfy_host, factory
 
 WORKFLOWS = comfy_host.REPO_ROOT / "workflows"
@@ -42,6 +44,9 @@ def stand_in(folder: str, real_name: str) -> str | None:
     return FULL_SIZE_STAND_INS.get((folder, real_name)) or factory.stand_in(folder, real_name)
 
 
+PRESET_LOADERS = {"ImagePromptUnifiedLoader": PRESETS, "ImagePromptUnifiedLoaderFaceID": FACEID_PRESETS}
+
+
 def map_to_stand_ins(prompt: dict) -> tuple[dict, set[str]]:
     """Replace real model file names by the factory files standing in for them.
 
@@ -49,6 +54,13 @@ def map_to_stand_ins(prompt: dict) -> tuple[dict, set[str]]:
     mapped = json.loads(json.dumps(prompt))
     needed = set()
     for node_id, node in mapped.items():
+        presets = PRESET_LOADERS.get(node["class_type"])
+        if presets:  # the loader finds its file by name: build the (SD1.5) stand-in the preset means
+            variant = presets.get(node.get("inputs", {}).get("preset"), {}).get("sd15")
+            stand_in_name = variant and stand_in("ipadapter", PUBLIC_FILES[variant][1])
+            if stand_in_name:
+                needed.add(f"ipadapter/{stand_in_name}")
+            continue
         key, folder = MODEL_INPUTS.get(node["class_type"], (None, None))
         value = node.get("inputs", {}).get(key)
         if not isinstance(value, str):
