@@ -17,7 +17,6 @@ middle block ("middle", 1), the host looks up ("middle", 0): it patches 15 of SD
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections import Counter
 from pathlib import Path
@@ -122,9 +121,8 @@ def main(argv: list[str]) -> int:
             print(f"  {row['adapters']} adapter(s): +{row['ops_added']} ops "
                   f"({row['ops_per_layer_per_adapter']:.1f} per layer per adapter), +{row['syncs_added']} host syncs")
         results.append(result)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(results, indent=1) + "\n")
+    from bench.harness import write_result
+    write_result(args.out, results)
     return 0
 
 

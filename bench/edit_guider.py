@@ -16,7 +16,6 @@ timed, in CPU time of this process and in wall time (see bench.step_overhead); g
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -103,9 +102,7 @@ def main(argv: list[str]) -> int:
         r, w = row["ratio"], row["wall_ratio"]
         print(f"{name:40s} CPU {row['seconds']['median']:7.3f} s  x{r['median']:.3f} [{r['min']:.3f}, {r['max']:.3f}]"
               f"   wall {row['wall_seconds']['median']:7.3f} s  x{w['median']:.3f} [{w['min']:.3f}, {w['max']:.3f}]")
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=1) + "\n")
+    harness.write_result(args.out, result)
     return 0
 
 

@@ -8,6 +8,7 @@ of its own under the system temp folder and loaded by the host as a custom node.
 from __future__ import annotations
 
 import gc
+import json
 import platform
 import resource
 import statistics
@@ -156,3 +157,10 @@ def peak_rss_mb() -> float:
 
 def free() -> None:
     gc.collect()
+
+
+def write_result(path: Path | None, result) -> None:
+    """Write a bench's result as JSON to ``path`` (its folder made if needed); nothing when ``path`` is None."""
+    if path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=1) + "\n")

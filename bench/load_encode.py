@@ -118,9 +118,7 @@ def main(argv: list[str]) -> int:
           f"({encode['images_per_s']:.2f} images/s); plus projection {encode['plus_projection_s']:.3f} s")
     result = {"loads": loads, "encode": encode, "machine": harness.machine(), "wall_s": round(time.time() - started),
               "command": "python -m bench.load_encode " + " ".join(argv)}
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=1) + "\n")
+    harness.write_result(args.out, result)
     return 0
 
 

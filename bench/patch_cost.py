@@ -22,7 +22,6 @@ given over the bare UNet step's CPU time, measured in the same run.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -205,9 +204,7 @@ def main(argv: list[str]) -> int:
         label = name.split(": ", 1)[1]
         print(f"{name:32s} +{row['added_ms']['median']:8.1f} ms  = {row['overhead_pct']:+6.2f} % "
               f"[{row['overhead_pct_q1']:+.2f}, {row['overhead_pct_q3']:+.2f}]   FLOP floor {floors[label]:+.3f} %")
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=1) + "\n")
+    harness.write_result(args.out, result)
     return 0
 
 

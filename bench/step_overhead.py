@@ -22,7 +22,6 @@ followed FLOPs.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -209,9 +208,7 @@ def main(argv: list[str]) -> int:
               f"   wall {row['wall_seconds']['median']:7.2f} s  x{w['median']:.3f} [{w['min']:.3f}, {w['max']:.3f}]")
     for label, floor in result.get("flop_floor", {}).items():
         print(f"FLOP floor {label}: x{floor:.4f}")
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=1) + "\n")
+    harness.write_result(args.out, result)
     return 0
 
 
