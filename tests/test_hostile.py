@@ -4,7 +4,6 @@ same server then runs a good prompt."""
 from __future__ import annotations
 
 import copy
-import os
 import pickle
 from pathlib import Path
 
