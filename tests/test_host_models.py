@@ -93,10 +93,38 @@ def test_full_sd15_layout_has_the_real_16_cross_attention_layers(host):
     assert widths == [320, 320, 640, 640, 1280, 1280, 1280, 1280, 1280, 1280, 640, 640, 640, 320, 320, 320]
 
 
+# The two CLIP-L keys SDXL base files lack (it is a CLIPTextModel there): the host expects them missing.
+SDXL_CLIP_L_ABSENT = {"clip_l.logit_scale", "clip_l.transformer.text_projection.weight"}
+
+
+def test_sdxl_text_encoders_fill_the_hosts_sdxl_text_model(host):
+    """CLIP-L and OpenCLIP bigG text in the base checkpoint's layout, through the host's own SDXL key
+    conversion, give every weight of its SDXL text model with its shape (built on the meta device)."""
+    import comfy.sdxl_clip
+    import comfy.supported_models
+    from tools.factory import host_models as hm
+    from tools.factory.pool import WeightPools
+    sd = hm.sdxl_text_encoders(WeightPools(0))
+    assert sum(k.startswith("conditioner.embedders.0.transformer.text_model.") for k in sd) == 197
+    assert sum(k.startswith("conditioner.embedders.1.model.") for k in sd) == 390
+    assert sd["conditioner.embedders.1.model.transformer.resblocks.31.attn.in_proj_weight"].shape == (3840, 1280)
+    assert sd["conditioner.embedders.1.model.text_projection"].shape == (1280, 1280)
+    converted = comfy.supported_models.SDXL(hm.SDXL_UNET).process_clip_state_dict(dict(sd))
+    with torch.device("meta"):
+        expected = comfy.sdxl_clip.SDXLClipModel(device="meta").state_dict()
+    assert set(expected) - set(converted) == SDXL_CLIP_L_ABSENT
+    assert set(converted) - set(expected) == {"clip_l.transformer.text_model.embeddings.position_ids"}
+    assert [k for k in converted if k in expected and converted[k].shape != expected[k].shape] == []
+
+
 @pytest.mark.heavy
 @pytest.mark.models("checkpoints/sdxl_layout.ckpt")
-def test_full_sdxl_layout_has_the_real_70_cross_attention_layers(host):
-    model, _, _ = load_checkpoint(host, "sdxl_layout.ckpt")
+def test_full_sdxl_layout_has_the_real_70_cross_attention_layers_and_text_encoders(host, caplog):
+    model, clip, _ = load_checkpoint(host, "sdxl_layout.ckpt")
+    assert not [r for r in caplog.records if "clip missing" in r.getMessage() or "no CLIP" in r.getMessage()]
+    (cond,) = host.CLIPTextEncode().encode(clip, "a red cube")
+    assert cond[0][0].shape == (1, 77, 2048) and cond[0][1]["pooled_output"].shape == (1, 1280)
+    assert torch.isfinite(cond[0][0]).all() and torch.isfinite(cond[0][1]["pooled_output"]).all()
     assert type(model.model.model_config).__name__ == "SDXL"
     keys = attn2_keys(model)
     assert len(keys) == 70

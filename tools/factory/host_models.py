@@ -1,10 +1,13 @@
 """State dicts in the layouts of real checkpoint, ControlNet and CLIP vision files.
 
 UNet and ControlNet shapes come from the host's own model classes built on the meta device,
-so the keys are exactly those of original (LDM) checkpoints. Text and vision encoders come
-from transformers' CLIP classes, the layout of the public encoder files.
+so the keys are exactly those of original (LDM) checkpoints. CLIP-L text and the vision encoders
+come from transformers' CLIP classes, the layout of the public encoder files; SDXL's second text
+encoder is written in OpenCLIP's own key names, as the SDXL base checkpoint stores it.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -33,6 +36,10 @@ SDXL_UNET = dict(_SPATIAL, in_channels=4, model_channels=320, num_res_blocks=[2,
 # CLIP encoders of the public files (transformers config fields).
 CLIP_L_TEXT = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
                    num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768)
+# OpenCLIP ViT-bigG/14 text tower (SDXL's second text encoder): width, depth, MLP width, vocabulary,
+# context length and projection size; 20 heads of 64 (the heads leave no trace in the weights' shapes).
+OPEN_CLIP_BIGG_TEXT = dict(width=1280, layers=32, heads=20, mlp_width=5120, vocab_size=49408, context_length=77,
+                           embed_dim=1280)
 CLIP_VISION = {
     "ViT-H-14": dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16,
                      image_size=224, patch_size=14, projection_dim=1024, hidden_act="gelu"),
@@ -75,10 +82,49 @@ def taesd(pools: WeightPools, scale: float) -> dict[str, torch.Tensor]:
 
 
 def clip_l_text(pools: WeightPools) -> dict[str, torch.Tensor]:
+    """CLIP-L text as the public checkpoints store it: ``text_model.*`` keys and int64 position ids.
+    transformers 5 leaves the ``text_model.`` prefix out of ``CLIPTextModel``'s own state dict; the host
+    finds SDXL's CLIP-L only under it (SD1.5 loading adds it where it is missing)."""
     from transformers import CLIPTextConfig, CLIPTextModel
     with torch.device("meta"):
         shapes = meta_shapes(CLIPTextModel(CLIPTextConfig(**CLIP_L_TEXT)))
-    return pools.state_dict(shapes)
+    sd = {"text_model." + k.removeprefix("text_model."): v for k, v in pools.state_dict(shapes).items()}
+    sd["text_model.embeddings.position_ids"] = torch.arange(CLIP_L_TEXT["max_position_embeddings"]).unsqueeze(0)
+    return sd
+
+
+def open_clip_text_shapes(width: int, layers: int, mlp_width: int, vocab_size: int, context_length: int,
+                          embed_dim: int, **_) -> dict[str, tuple[int, ...]]:
+    """Parameter shapes of an OpenCLIP text tower (its ``CLIP`` model without ``visual``), OpenCLIP's key
+    names: the attention's q, k and v stacked in ``in_proj_*``, ``text_projection`` a bare [width, embed_dim]
+    matrix (applied as ``x @ text_projection``)."""
+    shapes = {"token_embedding.weight": (vocab_size, width), "positional_embedding": (context_length, width)}
+    for i in range(layers):
+        block = f"transformer.resblocks.{i}."
+        shapes.update({
+            block + "ln_1.weight": (width,), block + "ln_1.bias": (width,),
+            block + "attn.in_proj_weight": (3 * width, width), block + "attn.in_proj_bias": (3 * width,),
+            block + "attn.out_proj.weight": (width, width), block + "attn.out_proj.bias": (width,),
+            block + "ln_2.weight": (width,), block + "ln_2.bias": (width,),
+            block + "mlp.c_fc.weight": (mlp_width, width), block + "mlp.c_fc.bias": (mlp_width,),
+            block + "mlp.c_proj.weight": (width, mlp_width), block + "mlp.c_proj.bias": (width,),
+        })
+    shapes.update({"ln_final.weight": (width,), "ln_final.bias": (width,), "text_projection": (width, embed_dim)})
+    return shapes
+
+
+def open_clip_text(pools: WeightPools, config: dict) -> dict[str, torch.Tensor]:
+    """An OpenCLIP text tower with its ``logit_scale`` (log 100, the trained models' clamp)."""
+    sd = pools.state_dict(open_clip_text_shapes(**config))
+    sd["logit_scale"] = torch.tensor(math.log(100.0), dtype=pools.dtype)
+    return sd
+
+
+def sdxl_text_encoders(pools: WeightPools) -> dict[str, torch.Tensor]:
+    """SDXL's two text encoders under the base checkpoint's prefixes: CLIP-L (transformers layout) and
+    OpenCLIP ViT-bigG/14 text (OpenCLIP layout)."""
+    return {**_prefixed("conditioner.embedders.0.transformer.", clip_l_text(pools)),
+            **_prefixed("conditioner.embedders.1.model.", open_clip_text(pools, OPEN_CLIP_BIGG_TEXT))}
 
 
 def clip_vision(encoder: str, seed: int) -> dict[str, torch.Tensor]:
@@ -98,10 +144,11 @@ def sd15_checkpoint(unet_config: dict, seed: int) -> dict[str, torch.Tensor]:
 
 
 def sdxl_checkpoint(unet_config: dict, seed: int) -> dict[str, torch.Tensor]:
-    """An SDXL-family checkpoint with a TAESD VAE and no text encoders (tests feed conditioning directly)."""
+    """An SDXL-family checkpoint: UNet, both text encoders in the base checkpoint's layout and a TAESD VAE."""
     pools = WeightPools(seed)
-    return {**_prefixed("model.diffusion_model.", pools.state_dict(unet_shapes(unet_config))),
-            **_prefixed("first_stage_model.", taesd(pools, SDXL_VAE_SCALE))}
+    unet = _prefixed("model.diffusion_model.", pools.state_dict(unet_shapes(unet_config)))
+    vae = _prefixed("first_stage_model.", taesd(pools, SDXL_VAE_SCALE))
+    return {**unet, **sdxl_text_encoders(pools), **vae}  # drawn last: UNet and VAE weights stay as they were
 
 
 def controlnet(unet_config: dict, seed: int) -> dict[str, torch.Tensor]:
