@@ -22,8 +22,8 @@ pytestmark = pytest.mark.server
 
 API_FILES = sorted((WORKFLOWS / "api").glob("*.json"))
 UI_FILES = sorted(WORKFLOWS.glob("*.json"))
-# The factory's SDXL checkpoint has no text encoders yet, so the SDXL example cannot run here (see the README).
-NEEDS_SDXL_TEXT_ENCODERS = {"sdxl_ipadapter_style_composition.json"}
+# Workflows on the factory's full-size SDXL models (a 2.6 B UNet, 10 GB in float32): each in its own process.
+FULL_SIZE_SDXL = {"sdxl_ipadapter_style_composition.json"}
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 
 
@@ -65,7 +65,11 @@ def check_images(prompt: dict, files) -> list[np.ndarray]:
     return pixels
 
 
-@pytest.mark.parametrize("name", [p.name for p in API_FILES if p.name not in NEEDS_SDXL_TEXT_ENCODERS])
+def _api_workflow(path: Path):
+    return pytest.param(path.name, id=path.name, marks=[pytest.mark.heavy] if path.name in FULL_SIZE_SDXL else [])
+
+
+@pytest.mark.parametrize("name", [_api_workflow(p) for p in API_FILES])
 def test_api_workflow_runs_and_saves_its_images(server, need_models, name):
     prompt, _, files = run_workflow(server, need_models, name)
     pixels = check_images(prompt, files)
@@ -78,6 +82,13 @@ def test_api_workflow_runs_and_saves_its_images(server, need_models, name):
             original = np.asarray(original.convert("RGB"), dtype=np.float32)
         assert np.abs(pixels[0][keep] - original[keep]).max() <= 1.0
         assert np.abs(pixels[0][~keep] - original[~keep]).mean() > 5.0, "the masked area was not repainted"
+
+
+def test_sdxl_example_runs_on_the_full_size_sdxl_stand_ins():
+    """The SDXL example's checkpoint (both text encoders in it), adapter and CLIP vision are full size."""
+    _, needed = map_to_stand_ins(json.loads((WORKFLOWS / "api" / "sdxl_ipadapter_style_composition.json").read_text()))
+    assert needed == {"checkpoints/sdxl_layout.ckpt", "ipadapter/ip-adapter-plus_sdxl_vit-h.safetensors",
+                      "clip_vision/CLIP-ViT-H-14-laion2B-s32B-b79K.pt"}
 
 
 def ui_to_api(graph: dict, object_info: dict) -> dict:
