@@ -4,7 +4,8 @@
 
 Q, K_text and V_text arrive already projected by the frozen layer ([B, N, C] and [B, 77, C]); the result goes
 to the layer's own ``to_out``. The image keys and values of each adapter are computed once per layer, device
-and dtype and then reused at every step. Which image tokens a batch chunk gets (cond or uncond) is decided
+and dtype (weights folded in) and then reused at every step; adapters with the same number of image tokens
+run as extra heads of one attention call. Which image tokens a batch chunk gets (cond or uncond) is decided
 by the conditioning that produced the chunk, never by its position.
 """
 from __future__ import annotations
@@ -56,8 +57,8 @@ class AdapterSpec:
                              f"give one weight, or one per image")
 
     def image_kv(self, layer: int, device: torch.device, dtype: torch.dtype):
-        """(K [2n, T, C], V [2n, T, C], output scale) at ``layer``: rows 0..n-1 for uncond chunks, n..2n-1
-        for cond chunks, with the weight folded into K/V unless it scales the output. Computed once."""
+        """(K [2n, T, C], V [2n, T, C]) at ``layer``: rows 0..n-1 for uncond chunks, n..2n-1 for cond chunks,
+        with the weights folded in (the output is linear in V, so "V only" scales V). Computed once."""
         key = (layer, device, dtype)
         if key not in self._kv_cache:
             cond, uncond = self.cond_tokens, self.uncond_tokens
@@ -66,23 +67,21 @@ class AdapterSpec:
             tokens = torch.cat([uncond, cond]).to(device, torch.float32)
             k = tokens @ self.to_k[layer].to(device, torch.float32).T
             v = tokens @ self.to_v[layer].to(device, torch.float32).T
-            per_image = torch.tensor(self.image_weights or [1.0], device=device).repeat(2)[:, None, None]
-            weight, scale = self.layer_weights[layer], 1.0
+            weight = self.layer_weights[layer]
+            if self.image_weights:  # [2n, 1, 1]: image i's weight on its uncond and cond rows
+                weight = weight * torch.tensor(self.image_weights, device=device).repeat(2)[:, None, None]
             if self.kv_scaling == "V only":
-                scale = weight
-                if self.image_weights:
-                    v = v * per_image  # the output is linear in V
+                v = v * weight
             else:
                 if self.kv_scaling != "K+V":
                     weight = weight * k.shape[-1] / PENALTY_WIDTH
-                weight = weight * per_image
                 k = k * weight
                 if self.kv_scaling == "K+mean(V) w/ C penalty":
                     mean = v.mean(dim=1, keepdim=True)
                     v = v - mean + mean * weight
                 else:
                     v = v * weight
-            self._kv_cache[key] = (k.to(dtype), v.to(dtype), scale)
+            self._kv_cache[key] = (k.to(dtype), v.to(dtype))
         return self._kv_cache[key]
 
 
@@ -100,6 +99,15 @@ def mask_grid(mask: torch.Tensor, tokens: int, latent_hw: tuple[int, int]) -> to
     return grid.reshape(tokens, 1)
 
 
+def token_groups(adapters: tuple[AdapterSpec, ...], layer: int) -> tuple[tuple[int, ...], ...]:
+    """The adapters active at ``layer`` (weight not 0), grouped by image token count: one attention call each."""
+    groups: dict[int, list[int]] = {}
+    for index, adapter in enumerate(adapters):
+        if adapter.layer_weights[layer] != 0:
+            groups.setdefault(adapter.cond_tokens.shape[1], []).append(index)
+    return tuple(map(tuple, groups.values()))
+
+
 class DecoupledCrossAttention:
     """The attn2 replacement registered on every cross-attention layer of one patched model.
 
@@ -112,6 +120,7 @@ class DecoupledCrossAttention:
         self.layers = layers
         self.adapters = adapters
         self.uncond_chunks = uncond_chunks
+        self.groups = {layer: token_groups(adapters, layer) for layer in set(layers.values())}
         self._batched: dict = {}
         self._step: tuple = (None, {})  # this step's sigmas tensor and the sigma-gated factors computed for it
 
@@ -122,63 +131,76 @@ class DecoupledCrossAttention:
         layer = self.layers[(block[0], block[1], options.get("block_index", 0))]
         flags = self.uncond_chunks(options)
         b, n, c = q.shape
-        q_heads = q.view(b, n, heads, c // heads).transpose(1, 2)  # [B, H, N, d], a view
-        out_heads = out.view(b, n, heads, c // heads).transpose(1, 2)  # a view of this call's own tensor
+        d = c // heads
+        q_heads = q.view(b, n, heads, d).transpose(1, 2)  # [B, H, N, d], a view
+        out_heads = out.view(b, n, heads, d).transpose(1, 2)  # a view of this call's own tensor
         upcast = precision is torch.float32 and q.dtype != torch.float32  # the model asks for fp32 attention
-        for index, adapter in enumerate(self.adapters):
-            if adapter.layer_weights[layer] == 0:
-                continue
-            k_ip, v_ip, scale = self._batched_kv(index, adapter, layer, flags, b // len(flags), heads, q.device,
-                                                 q.dtype)
+        for group in self.groups[layer]:
+            k_ip, v_ip = self._batched_kv(group, layer, flags, b // len(flags), heads, q.device, q.dtype)
+            queries = q_heads
+            if len(group) > 1:  # A adapters as extra heads of one attention call: [B, A*H, N, d]
+                queries = q_heads.unsqueeze(1).expand(b, len(group), heads, n, d).reshape(b, -1, n, d)
             # torch's SDPA whatever the host's attention: with a few image keys it is the fastest on CPU (the
             # host's CPU default chunks the queries), and what the host itself uses on GPUs
             if upcast:
-                term = F.scaled_dot_product_attention(q_heads.float(), k_ip.float(), v_ip.float()).to(q.dtype)
+                term = F.scaled_dot_product_attention(queries.float(), k_ip.float(), v_ip.float()).to(q.dtype)
             else:
-                term = F.scaled_dot_product_attention(q_heads, k_ip, v_ip)
-            factor = self._factor(index, adapter, scale, n, options, q.device, q.dtype)
-            if factor is None:
-                out_heads.add_(term, alpha=scale)  # one kernel
+                term = F.scaled_dot_product_attention(queries, k_ip, v_ip)
+            factor = self._factor(group, n, options, q.device, q.dtype)
+            if len(group) == 1:
+                if factor is None:
+                    out_heads.add_(term)  # one kernel
+                else:
+                    out_heads.addcmul_(term, factor[0])  # one kernel: mask and sigma gate in one factor
             else:
-                out_heads.addcmul_(term, factor)  # one kernel: mask, weight and sigma gate in one factor
+                term = term.view(b, len(group), heads, n, d)
+                if factor is not None:
+                    term.mul_(factor[:, None])  # [A, 1, N or 1, 1] over [B, A, H, N, d]
+                out_heads.add_(term.sum(1))
         return out
 
-    def _factor(self, index, adapter, scale, tokens, options, device, dtype):
-        """None for a plain weight; else what multiplies the image term: the mask on this layer's token grid
-        times the weight ([tokens, 1]) or the weight alone ([1, 1]), times 0 or 1 for the sigma range. The
-        range is compared on the device (no host sync), once per step: a step is one ``sigmas`` tensor."""
-        if adapter.mask is None and adapter.sigma_range is None:
+    def _factor(self, group, tokens, options, device, dtype):
+        """None when no adapter of ``group`` has a mask or sigma range; else what multiplies their image terms,
+        [A, tokens or 1, 1]: each adapter's mask on this layer's token grid (or 1), times 0 or 1 for its sigma
+        range. The range is compared on the device (no host sync), once per step: a step is one ``sigmas``
+        tensor."""
+        adapters = [self.adapters[i] for i in group]
+        if all(a.mask is None and a.sigma_range is None for a in adapters):
             return None
         latent_hw = tuple(options["original_shape"][-2:])
-        key = ("factor", index, tokens, latent_hw, device, dtype)
+        key = ("factor", group, tokens, latent_hw, device, dtype)
         if key not in self._batched:
-            grid = torch.ones(1, 1) if adapter.mask is None else mask_grid(adapter.mask, tokens, latent_hw)
-            self._batched[key] = grid.to(device, dtype) * scale
-        if adapter.sigma_range is None:
+            rows = tokens if any(a.mask is not None for a in adapters) else 1
+            grids = [torch.ones(rows, 1) if a.mask is None else mask_grid(a.mask, tokens, latent_hw) for a in adapters]
+            self._batched[key] = torch.stack(grids).to(device, dtype)
+        if all(a.sigma_range is None for a in adapters):
             return self._batched[key]
         sigmas, gated = self._step
         if sigmas is not options["sigmas"]:
             sigmas, gated = self._step = (options["sigmas"], {})
         if key not in gated:
-            if index not in gated:
-                high, low = adapter.sigma_range
-                gated[index] = ((sigmas[:1] <= high) & (sigmas[:1] >= low)).to(device, dtype)
-            gated[key] = self._batched[key] * gated[index]
+            if group not in gated:
+                ranges = torch.tensor([a.sigma_range or (float("inf"), float("-inf")) for a in adapters], device=device)
+                gated[group] = ((sigmas[:1] <= ranges[:, 0]) & (sigmas[:1] >= ranges[:, 1])).to(dtype)[:, None, None]
+            gated[key] = self._batched[key] * gated[group]
         return gated[key]
 
-    def _batched_kv(self, index, adapter, layer, flags, rows, heads, device, dtype):
-        """Image K/V laid out like the batch, head-major ([B, H, T, d]): uncond chunks get the uncond tokens,
-        the rest cond; row r of a chunk gets image r mod n."""
-        key = (index, layer, flags, rows, heads, device, dtype)
+    def _batched_kv(self, group, layer, flags, rows, heads, device, dtype):
+        """The image K/V of ``group``'s adapters laid out like the batch, head-major, adapter by adapter:
+        [B, A*H, T, d]. Uncond chunks get the uncond tokens, the rest cond; row r of a chunk gets image r mod n."""
+        key = (group, layer, flags, rows, heads, device, dtype)
         if key not in self._batched:
-            k_pair, v_pair, scale = adapter.image_kv(layer, device, dtype)
-            n = adapter.cond_tokens.shape[0]
-            pick = torch.tensor([(0 if uncond else n) + r % n for uncond in flags for r in range(rows)], device=device)
-
-            def head_major(x):
-                x = x.index_select(0, pick)
-                return x.view(x.shape[0], x.shape[1], heads, -1).transpose(1, 2).contiguous()
-            self._batched[key] = (head_major(k_pair), head_major(v_pair), scale)
+            keys, values = [], []
+            for index in group:
+                adapter = self.adapters[index]
+                k_pair, v_pair = adapter.image_kv(layer, device, dtype)
+                n = adapter.cond_tokens.shape[0]
+                pick = torch.tensor([(0 if uncond else n) + r % n for uncond in flags for r in range(rows)],
+                                    device=device)
+                for x, found in ((k_pair, keys), (v_pair, values)):
+                    x = x.index_select(0, pick)
+                    found.append(x.view(x.shape[0], x.shape[1], heads, -1).transpose(1, 2))
+            self._batched[key] = (torch.cat(keys, dim=1), torch.cat(values, dim=1))  # cat copies: contiguous
         return self._batched[key]
 
     def __deepcopy__(self, memo):

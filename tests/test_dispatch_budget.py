@@ -15,9 +15,10 @@ def test_no_host_syncs_and_a_fixed_number_of_operators_per_layer(host):
     one, three = result["stacks"]
     assert result["layers"] == 4  # every cross-attention layer of the tiny UNet is patched
     assert one["syncs_added"] == three["syncs_added"] == 0
-    assert one["ops_per_layer_per_adapter"] == three["ops_per_layer_per_adapter"]  # linear in adapters
-    # the image attention (the host's CPU default, sub-quadratic: several operators here) and one in-place add
-    assert one["ops_per_layer_per_adapter"] <= 10
+    # one image attention and one in-place add per layer, whatever the host's own attention
+    assert one["ops_per_layer_per_adapter"] <= 3
+    # stacked adapters are extra heads of one attention call: at most twice one adapter's operators
+    assert three["ops_added"] <= 2 * one["ops_added"]
 
 
 def test_sigma_range_and_mask_add_no_host_syncs(host):

@@ -144,6 +144,35 @@ def test_two_adapters_compose_like_diffusers(tiny, tmp_path):
     torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-4)
 
 
+def test_adapters_with_equal_token_counts_run_as_extra_heads_like_diffusers(tiny, tmp_path):
+    """Three plus adapters share one attention call: masks per adapter, one gated by sigma (diffusers has no
+    sigma range: at an early sigma the gated adapter is off, so diffusers runs without it)."""
+    x, t, context, g = inputs(12)
+    left, right = torch.zeros(1, 8, 8), torch.zeros(1, 8, 8)
+    left[:, :, :4], right[:, :, 4:] = 1.0, 1.0
+    setups = []  # (adapter, state, cond, uncond, weight, mask, options)
+    for seed, weight, mask, options in ((121, 0.7, left, {}), (122, 0.5, right, {"start_at": 0.5}),
+                                        (123, 0.9, None, {})):
+        adapter, state = tiny.adapter("ip-adapter-plus_sd15", seed, tmp_path)
+        cond, uncond = embeds_for(adapter.variant, g), embeds_for(adapter.variant, g)
+        options = dict(options, attn_mask=mask) if mask is not None else options
+        setups.append((adapter, state, cond, uncond, weight, mask, options))
+    patched = tiny.model
+    for adapter, _, cond, uncond, weight, _, options in setups:
+        patched = tiny.patch.patch_model(patched, adapter, tiny.node_spec(adapter, cond, uncond, weight, **options))
+    layer = next(iter(patched.model_options["transformer_options"]["patches_replace"]["attn2"].values()))
+    assert set(layer.groups.values()) == {((0, 1, 2),)}  # one attention call at every layer
+
+    sampling = tiny.model.get_model_object("model_sampling")
+    for sigma, active in ((float(sampling.sigma_max), (0, 2)), (float(sampling.sigma_min), (0, 1, 2))):
+        ours = tiny.run_host(patched, x, t, context, [1, 0], sigma=sigma)
+        chosen = [setups[i] for i in active]
+        theirs = tiny.run_diffusers([s[1] for s in chosen], [s[4] for s in chosen],
+                                    [_diffusers_embeds(s[0].variant, s[3], s[2]) for s in chosen], x, t, context,
+                                    masks=[(s[5] if s[5] is not None else torch.ones(1, 8, 8))[None] for s in chosen])
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-4)
+
+
 def test_batch_layout_follows_cond_or_uncond(tiny, tmp_path):
     """Cond-first batches get the cond tokens in the first chunk: same rows as the uncond-first run, swapped."""
     x, t, context, g = inputs(2)
