@@ -48,21 +48,24 @@ def base_prompt() -> dict:
 
 
 def prompt_mix(i: int) -> dict:
-    """Prompt i of the mix: Apply (Advanced), Encode + Apply Embeds, two regions, an edit, plain text-to-image;
-    the weight or seed changes every time so the patching nodes run again (not from the host's cache)."""
+    """Prompt i of the mix: Apply Embeds, the same with another weight type and scaling, two regions, an edit,
+    plain text-to-image; the weight or seed changes every time so the patching nodes run again (not from the
+    host's cache). Every prompt holds the same Encode node, so the host encodes the reference once (the CLIP
+    vision encoder is full size: encoding each prompt would take most of the soak's time); the regions encode
+    their images every time."""
     prompt = copy.deepcopy(base_prompt())
     kind = i % 5
     prompt["9"]["inputs"]["seed"] = i
-    if kind == 0:
-        prompt["5"]["inputs"]["weight"] = 0.5 + i / 1000
-    elif kind == 1:
-        prompt["12"] = {"class_type": "ImagePromptEncode", "inputs": {
-            "ipadapter": ["2", 0], "image": ["4", 0], "weight": 1.0 + i / 1000, "crop_position": "pad",
-            "interpolation": "bicubic", "sharpening": 0.1, "clip_vision": ["3", 0]}}
+    prompt["12"] = {"class_type": "ImagePromptEncode", "inputs": {
+        "ipadapter": ["2", 0], "image": ["4", 0], "weight": 1.0, "crop_position": "pad",
+        "interpolation": "bicubic", "sharpening": 0.1, "clip_vision": ["3", 0]}}
+    if kind in (0, 1, 3):
         prompt["5"] = {"class_type": "ImagePromptApplyEmbeds", "inputs": {
             "model": ["1", 0], "ipadapter": ["2", 0], "pos_embeds": ["12", 0], "neg_embeds": ["12", 1],
-            "weight": 0.8, "weight_type": "ease out", "start_at": 0.0, "end_at": 1.0, "embeds_scaling": "K+V",
-            "unfold_batch": False}}
+            "weight": 0.5 + i / 1000, "weight_type": "linear", "start_at": 0.0, "end_at": 1.0,
+            "embeds_scaling": "V only", "unfold_batch": False}}
+    if kind == 1:
+        prompt["5"]["inputs"].update(weight_type="ease out", embeds_scaling="K+V")
     elif kind == 2:
         prompt["13"] = {"class_type": "SolidMask", "inputs": {"value": 1.0, "width": 64, "height": 64}}
         prompt["14"] = {"class_type": "InvertMask", "inputs": {"mask": ["13", 0]}}
@@ -82,7 +85,7 @@ def prompt_mix(i: int) -> dict:
             "model": ["5", 0], "seed": i, "steps": 1, "text_scale": 5.0, "image_scale": 1.5, "sampler_name": "euler",
             "scheduler": "normal", "positive": ["6", 0], "negative": ["7", 0], "vae": ["1", 2], "image": ["4", 0],
             "denoise": 1.0}}
-    else:
+    elif kind == 4:
         prompt["9"]["inputs"]["model"] = ["1", 0]
     return prompt
 
