@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from tools.run_example import WORKFLOWS, map_to_stand_ins
+from tools.run_example import WORKFLOWS, map_to_stand_ins, needs_full_size_models
 from tools.workflow_ui import with_defaults
 
 pytestmark = [pytest.mark.browser, pytest.mark.server]
@@ -21,8 +21,6 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
                  "--disable-sync", "--no-first-run"]
 SCREENSHOTS = WORKFLOWS / "screenshots"
 UI_FILES = sorted(WORKFLOWS.glob("*.json"))
-# Loaded and compared here, not queued: too heavy for this run (full-size SDXL; test_workflows.py runs it).
-NOT_RUN = {"sdxl_ipadapter_style_composition.json"}
 STEPS, SIDE = 1, 128
 # No first-run tutorial, no minimap, and full node detail at any zoom (the screenshots fit the whole graph).
 SETTINGS = {"Comfy.TutorialCompleted": True, "Comfy.Minimap.Visible": False, "LiteGraph.Canvas.MinFontSizeForLOD": 0}
@@ -148,7 +146,9 @@ def save_screenshot(page, name: str) -> Path:
     return target
 
 
-@pytest.mark.parametrize("name", [p.name for p in UI_FILES])
+# A workflow on full-size stand-ins (SDXL: up to 15 GB) runs from a server of its own (heavy: own process, first).
+@pytest.mark.parametrize("name", [pytest.param(p.name, marks=[pytest.mark.heavy] if needs_full_size_models(p.name) else [])
+                                  for p in UI_FILES])
 def test_frontend_opens_queues_and_shows_the_workflow(server, page, need_models, name):
     path = WORKFLOWS / name
     graph = json.loads(path.read_text())
@@ -166,10 +166,6 @@ def test_frontend_opens_queues_and_shows_the_workflow(server, page, need_models,
     for node_id, node in api.items():
         if "_meta" in node:
             assert frontend[node_id]["_meta"]["title"] == node["_meta"]["title"]
-    if name in NOT_RUN:
-        save_screenshot(page, name)
-        return
-
     wanted = quick_api(name)
     _, needed = map_to_stand_ins(api)
     need_models(*needed)

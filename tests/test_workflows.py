@@ -15,7 +15,7 @@ from PIL import Image
 
 from tools import comfy_host, node_reference
 from tools.comfy_host import REPO_ROOT
-from tools.run_example import MODEL_INPUTS, WORKFLOWS, map_to_stand_ins
+from tools.run_example import MODEL_INPUTS, WORKFLOWS, map_to_stand_ins, needs_full_size_models
 from tools.workflow_ui import with_defaults
 
 pytestmark = pytest.mark.server
@@ -23,7 +23,6 @@ pytestmark = pytest.mark.server
 API_FILES = sorted((WORKFLOWS / "api").glob("*.json"))
 UI_FILES = sorted(WORKFLOWS.glob("*.json"))
 # Workflows on the factory's full-size SDXL models (a 2.6 B UNet, 10 GB in float32): each in its own process.
-FULL_SIZE_SDXL = {"sdxl_ipadapter_style_composition.json"}
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 
 
@@ -66,7 +65,7 @@ def check_images(prompt: dict, files) -> list[np.ndarray]:
 
 
 def _api_workflow(path: Path):
-    return pytest.param(path.name, id=path.name, marks=[pytest.mark.heavy] if path.name in FULL_SIZE_SDXL else [])
+    return pytest.param(path.name, id=path.name, marks=[pytest.mark.heavy] if needs_full_size_models(path.name) else [])
 
 
 @pytest.mark.parametrize("name", [_api_workflow(p) for p in API_FILES])

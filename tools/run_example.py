@@ -74,6 +74,12 @@ def map_to_stand_ins(prompt: dict) -> tuple[dict, set[str]]:
     return mapped, needed
 
 
+def needs_full_size_models(workflow: str) -> bool:
+    """Does the API workflow ``workflow`` (a file name in workflows/api) need full-size stand-ins (gigabytes)?"""
+    _, needed = map_to_stand_ins(json.loads((WORKFLOWS / "api" / workflow).read_text()))
+    return any(factory.CATALOGUE[name].heavy for name in needed)
+
+
 def copy_example_images(input_dir: Path) -> None:
     """Put the example workflows' input images where LoadImage finds them."""
     for image in EXAMPLE_IMAGES.iterdir():
