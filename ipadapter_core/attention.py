@@ -180,8 +180,12 @@ class DecoupledCrossAttention:
             sigmas, gated = self._step = (options["sigmas"], {})
         if key not in gated:
             if group not in gated:
-                ranges = torch.tensor([a.sigma_range or (float("inf"), float("-inf")) for a in adapters], device=device)
-                gated[group] = ((sigmas[:1] <= ranges[:, 0]) & (sigmas[:1] >= ranges[:, 1])).to(dtype)[:, None, None]
+                ranges_key = ("ranges", group, device)  # [A, 2] (high, low), copied to the device once
+                if ranges_key not in self._batched:
+                    self._batched[ranges_key] = torch.tensor(
+                        [a.sigma_range or (float("inf"), float("-inf")) for a in adapters], device=device)
+                high, low = self._batched[ranges_key].unbind(1)
+                gated[group] = ((sigmas[:1] <= high) & (sigmas[:1] >= low)).to(dtype)[:, None, None]
             gated[key] = self._batched[key] * gated[group]
         return gated[key]
 
