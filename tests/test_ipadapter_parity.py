@@ -173,6 +173,42 @@ def test_adapters_with_equal_token_counts_run_as_extra_heads_like_diffusers(tiny
         torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("attn_precision", [None, torch.float32])
+def test_half_precision_adds_no_error_beyond_the_unets_own(tiny, tmp_path, dtype, attn_precision):
+    """The UNet in fp16/bf16 (as on GPUs; ``attn_precision`` fp32 is the models that upcast attention), two plus
+    adapters in one call, one masked: the patched UNet is as close to diffusers' fp32 result as the plain UNet
+    is to its own fp32 result, and the adapters' effect is intact."""
+    import copy
+    x, t, context, g = inputs(13)
+    mask = torch.zeros(1, 8, 8)
+    mask[:, :4] = 1.0
+    patched, states, embeds, masks = tiny.model, [], [], []
+    for seed, weight, options in ((131, 1.0, {}), (132, 0.6, {"attn_mask": mask})):
+        adapter, state = tiny.adapter("ip-adapter-plus_sd15", seed, tmp_path)
+        cond, uncond = embeds_for(adapter.variant, g), embeds_for(adapter.variant, g)
+        patched = tiny.patch.patch_model(patched, adapter, tiny.node_spec(adapter, cond, uncond, weight, **options))
+        states.append(state)
+        embeds.append(_diffusers_embeds(adapter.variant, uncond, cond))
+        masks.append(options.get("attn_mask", torch.ones(1, 8, 8))[None])
+    unet = copy.deepcopy(tiny.model.model.diffusion_model).to(dtype)
+    unet.dtype = dtype  # what the host sets when it loads a model in this dtype
+    for module in unet.modules():
+        if hasattr(module, "attn_precision"):
+            module.attn_precision = attn_precision
+
+    def run_half(model):
+        options = dict(model.model_options["transformer_options"], cond_or_uncond=[1, 0], sigmas=torch.tensor([1.0]))
+        return unet(x.to(dtype), timesteps=t, context=context.to(dtype), transformer_options=options).float()
+    ours, plain = run_half(patched), run_half(tiny.model)
+    theirs = tiny.run_diffusers(states, [1.0, 0.6], embeds, x, t, context, masks=masks)
+    plain_error = (plain - tiny.run_host(tiny.model, x, t, context, [1, 0])).abs().max()
+    effect = (theirs - tiny.run_host(tiny.model, x, t, context, [1, 0])).abs().max()
+    assert (ours - theirs).abs().max() <= 2 * plain_error
+    assert effect > 10 * plain_error  # the comparison resolves the adapters
+    assert (ours - plain).abs().max() > 0.5 * effect
+
+
 def test_batch_layout_follows_cond_or_uncond(tiny, tmp_path):
     """Cond-first batches get the cond tokens in the first chunk: same rows as the uncond-first run, swapped."""
     x, t, context, g = inputs(2)
