@@ -79,6 +79,18 @@ class Setup:
         return nodes.adapter_spec(self.model, loaded, cond.reshape(1, -1, width), uncond.reshape(1, -1, width),
                                   weight, **options)
 
+    def stack_plus(self, entries, generator, tmp_path):
+        """This model patched with one plus adapter per (seed, weight, node options) entry, through the Apply
+        nodes' spec; and per adapter, diffusers' (state dict, weight, image embeds, mask: all ones if none)."""
+        patched, twins = self.model, []
+        for seed, weight, options in entries:
+            adapter, state = self.adapter("ip-adapter-plus_sd15", seed, tmp_path)
+            cond, uncond = embeds_for(adapter.variant, generator), embeds_for(adapter.variant, generator)
+            patched = self.patch.patch_model(patched, adapter, self.node_spec(adapter, cond, uncond, weight, **options))
+            mask = options.get("attn_mask", torch.ones(1, 8, 8))
+            twins.append((state, weight, _diffusers_embeds(adapter.variant, uncond, cond), mask[None]))
+        return patched, twins
+
     def run_host(self, model, x, t, context, cond_or_uncond, sigma=1.0):
         options = dict(model.model_options["transformer_options"], cond_or_uncond=cond_or_uncond,
                        sigmas=torch.tensor([sigma]))
@@ -150,26 +162,16 @@ def test_adapters_with_equal_token_counts_run_as_extra_heads_like_diffusers(tiny
     x, t, context, g = inputs(12)
     left, right = torch.zeros(1, 8, 8), torch.zeros(1, 8, 8)
     left[:, :, :4], right[:, :, 4:] = 1.0, 1.0
-    setups = []  # (adapter, state, cond, uncond, weight, mask, options)
-    for seed, weight, mask, options in ((121, 0.7, left, {}), (122, 0.5, right, {"start_at": 0.5}),
-                                        (123, 0.9, None, {})):
-        adapter, state = tiny.adapter("ip-adapter-plus_sd15", seed, tmp_path)
-        cond, uncond = embeds_for(adapter.variant, g), embeds_for(adapter.variant, g)
-        options = dict(options, attn_mask=mask) if mask is not None else options
-        setups.append((adapter, state, cond, uncond, weight, mask, options))
-    patched = tiny.model
-    for adapter, _, cond, uncond, weight, _, options in setups:
-        patched = tiny.patch.patch_model(patched, adapter, tiny.node_spec(adapter, cond, uncond, weight, **options))
+    patched, twins = tiny.stack_plus([(121, 0.7, {"attn_mask": left}), (122, 0.5, {"attn_mask": right, "start_at": 0.5}),
+                                      (123, 0.9, {})], g, tmp_path)
     layer = next(iter(patched.model_options["transformer_options"]["patches_replace"]["attn2"].values()))
     assert set(layer.groups.values()) == {((0, 1, 2),)}  # one attention call at every layer
 
     sampling = tiny.model.get_model_object("model_sampling")
     for sigma, active in ((float(sampling.sigma_max), (0, 2)), (float(sampling.sigma_min), (0, 1, 2))):
         ours = tiny.run_host(patched, x, t, context, [1, 0], sigma=sigma)
-        chosen = [setups[i] for i in active]
-        theirs = tiny.run_diffusers([s[1] for s in chosen], [s[4] for s in chosen],
-                                    [_diffusers_embeds(s[0].variant, s[3], s[2]) for s in chosen], x, t, context,
-                                    masks=[(s[5] if s[5] is not None else torch.ones(1, 8, 8))[None] for s in chosen])
+        states, weights, embeds, masks = map(list, zip(*(twins[i] for i in active)))
+        theirs = tiny.run_diffusers(states, weights, embeds, x, t, context, masks=masks)
         torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-4)
 
 
@@ -183,14 +185,7 @@ def test_half_precision_adds_no_error_beyond_the_unets_own(tiny, tmp_path, dtype
     x, t, context, g = inputs(13)
     mask = torch.zeros(1, 8, 8)
     mask[:, :4] = 1.0
-    patched, states, embeds, masks = tiny.model, [], [], []
-    for seed, weight, options in ((131, 1.0, {}), (132, 0.6, {"attn_mask": mask})):
-        adapter, state = tiny.adapter("ip-adapter-plus_sd15", seed, tmp_path)
-        cond, uncond = embeds_for(adapter.variant, g), embeds_for(adapter.variant, g)
-        patched = tiny.patch.patch_model(patched, adapter, tiny.node_spec(adapter, cond, uncond, weight, **options))
-        states.append(state)
-        embeds.append(_diffusers_embeds(adapter.variant, uncond, cond))
-        masks.append(options.get("attn_mask", torch.ones(1, 8, 8))[None])
+    patched, twins = tiny.stack_plus([(131, 1.0, {}), (132, 0.6, {"attn_mask": mask})], g, tmp_path)
     unet = copy.deepcopy(tiny.model.model.diffusion_model).to(dtype)
     unet.dtype = dtype  # what the host sets when it loads a model in this dtype
     for module in unet.modules():
@@ -201,7 +196,8 @@ def test_half_precision_adds_no_error_beyond_the_unets_own(tiny, tmp_path, dtype
         options = dict(model.model_options["transformer_options"], cond_or_uncond=[1, 0], sigmas=torch.tensor([1.0]))
         return unet(x.to(dtype), timesteps=t, context=context.to(dtype), transformer_options=options).float()
     ours, plain = run_half(patched), run_half(tiny.model)
-    theirs = tiny.run_diffusers(states, [1.0, 0.6], embeds, x, t, context, masks=masks)
+    states, weights, embeds, masks = map(list, zip(*twins))
+    theirs = tiny.run_diffusers(states, weights, embeds, x, t, context, masks=masks)
     plain_error = (plain - tiny.run_host(tiny.model, x, t, context, [1, 0])).abs().max()
     effect = (theirs - tiny.run_host(tiny.model, x, t, context, [1, 0])).abs().max()
     assert (ours - theirs).abs().max() <= 2 * plain_error
