@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from tools.run_example import WORKFLOWS, map_to_stand_ins, needs_full_size_models
+from test_workflows import quick, workflow_param
+from tools.run_example import WORKFLOWS, map_to_stand_ins
 from tools.workflow_ui import with_defaults
 
 pytestmark = [pytest.mark.browser, pytest.mark.server]
@@ -110,12 +111,7 @@ def quick_api(name: str) -> dict:
     """The API twin with the factory's stand-in file names, one step and a small latent: what the test
     sets in the UI before it queues."""
     prompt, _ = map_to_stand_ins(json.loads((WORKFLOWS / "api" / name).read_text()))
-    for node in prompt.values():
-        if isinstance(node["inputs"].get("steps"), int):
-            node["inputs"]["steps"] = STEPS
-        if node["class_type"] == "EmptyLatentImage":
-            node["inputs"].update(width=SIDE, height=SIDE)
-    return prompt
+    return quick(prompt, STEPS, SIDE)
 
 
 def without_titles(prompt: dict) -> dict:
@@ -146,9 +142,7 @@ def save_screenshot(page, name: str) -> Path:
     return target
 
 
-# A workflow on full-size stand-ins (SDXL: up to 15 GB) runs from a server of its own (heavy: own process, first).
-@pytest.mark.parametrize("name", [pytest.param(p.name, marks=[pytest.mark.heavy] if needs_full_size_models(p.name) else [])
-                                  for p in UI_FILES])
+@pytest.mark.parametrize("name", [workflow_param(p.name) for p in UI_FILES])
 def test_frontend_opens_queues_and_shows_the_workflow(server, page, need_models, name):
     path = WORKFLOWS / name
     graph = json.loads(path.read_text())

@@ -22,7 +22,6 @@ pytestmark = pytest.mark.server
 
 API_FILES = sorted((WORKFLOWS / "api").glob("*.json"))
 UI_FILES = sorted(WORKFLOWS.glob("*.json"))
-# Workflows on the factory's full-size SDXL models (a 2.6 B UNet, 10 GB in float32): each in its own process.
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 
 
@@ -64,11 +63,13 @@ def check_images(prompt: dict, files) -> list[np.ndarray]:
     return pixels
 
 
-def _api_workflow(path: Path):
-    return pytest.param(path.name, id=path.name, marks=[pytest.mark.heavy] if needs_full_size_models(path.name) else [])
+def workflow_param(name: str):
+    """A workflow file name as a test parameter: those on full-size stand-ins (SDXL: a 2.6 B UNet, 10 GB in
+    float32) are heavy, each run in its own process."""
+    return pytest.param(name, id=name, marks=[pytest.mark.heavy] if needs_full_size_models(name) else [])
 
 
-@pytest.mark.parametrize("name", [_api_workflow(p) for p in API_FILES])
+@pytest.mark.parametrize("name", [workflow_param(p.name) for p in API_FILES])
 def test_api_workflow_runs_and_saves_its_images(server, need_models, name):
     prompt, _, files = run_workflow(server, need_models, name)
     pixels = check_images(prompt, files)
