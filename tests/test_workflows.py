@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 import urllib.request
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +48,9 @@ def run_workflow(server, need_models, name: str, steps: int = 1, side: int | Non
     prompt, needed = map_to_stand_ins(json.loads((WORKFLOWS / "api" / name).read_text()))
     need_models(*needed)
     prompt = quick(prompt, steps, side)
+    for node in prompt.values():  # a prompt the server just ran comes from its cache and saves no image
+        if node["class_type"] == "SaveImage":
+            node["inputs"]["filename_prefix"] += f"_{uuid.uuid4().hex[:8]}"
     entry = server.run_prompt(prompt)
     return prompt, entry, server.output_files(entry)
 
