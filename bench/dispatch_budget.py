@@ -2,9 +2,9 @@
 
 On a GPU the host's sampler step is bound by kernel launches (shared/reference/gpu.md), so an adapter's
 cost there is what it adds in operators (each at least one kernel launch) and host syncs. Both are
-counted with the torch profiler on the CPU, identically on any machine: one batch-2 UNet call
-(uncond + cond), bare against patched with 1, 2 and 4 stacked adapters, after a warm-up call (image
-K/V are computed once per run, not per step).
+counted with the torch profiler on the CPU, identically on any machine, with our image attention in the
+forms it takes on a GPU: one batch-2 UNet call (uncond + cond), bare against patched with 1, 2 and 4
+stacked adapters, after a warm-up call (image K/V are computed once per run, not per step).
 
     .venv/bin/python -m bench.dispatch_budget [--full] [--pytorch-attention] [--cubiq DIR] [--out FILE]
 
@@ -17,6 +17,7 @@ middle block ("middle", 1), the host looks up ("middle", 0): it patches 15 of SD
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from collections import Counter
 from pathlib import Path
@@ -68,9 +69,24 @@ def patched_layers(model) -> int:
     return sum(layer.key in replaces or layer.key[:2] in replaces for layer in layers)
 
 
-def measure(case: str = "tiny", stacks=(1, 2, 4), implementation: str = "ours", **options) -> dict:
+@contextlib.contextmanager
+def attention_forms_of(device_type: str):
+    """Our image attention takes the forms it takes on ``device_type`` (its forms differ between CPU and GPU),
+    while running here."""
+    attention = comfy_host.pack_module("ipadapter_core.attention")
+    chosen = attention.attention_form
+    attention.attention_form = lambda device, *rest: chosen(torch.device(device_type), *rest)
+    try:
+        yield
+    finally:
+        attention.attention_form = chosen
+
+
+def measure(case: str = "tiny", stacks=(1, 2, 4), implementation: str = "ours", forms_of: str = "cuda",
+            **options) -> dict:
     """Operators and syncs added per UNet call, and per patched cross-attention layer per adapter, by
-    ``implementation`` ("ours", or "cubiq": ComfyUI_IPAdapter_plus, when the host has loaded it).
+    ``implementation`` ("ours", or "cubiq": ComfyUI_IPAdapter_plus, when the host has loaded it), with our
+    attention in the forms it takes on ``forms_of`` (by default a GPU's, where the count matters).
     ``options`` go to the Apply step (start_at, end_at, attn_mask; for ours also embeds_scaling, ...)."""
     from bench.harness import Implementations
     checkpoint, adapter_name, side = CASES[case]
@@ -86,7 +102,7 @@ def measure(case: str = "tiny", stacks=(1, 2, 4), implementation: str = "ours", 
         options = dict(m.model_options["transformer_options"], cond_or_uncond=[1, 0], sigmas=torch.tensor([1.0]))
         return lambda: m.model.diffusion_model(x, timesteps=t, context=context, transformer_options=options)
 
-    with torch.no_grad():
+    with torch.no_grad(), attention_forms_of(forms_of):
         bare = aten_ops(step_of(model))
         result = {"case": case, "implementation": implementation, "bare_ops": sum(bare.values()),
                   "bare_syncs": sum(bare[k] for k in SYNC_OPS), "stacks": []}

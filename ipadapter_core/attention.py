@@ -5,8 +5,14 @@
 Q, K_text and V_text arrive already projected by the frozen layer ([B, N, C] and [B, 77, C]); the result goes
 to the layer's own ``to_out``. The image keys and values of each adapter are computed once per layer, device
 and dtype (weights folded in) and then reused at every step; adapters with the same number of image tokens
-run as extra heads of one attention call. Which image tokens a batch chunk gets (cond or uncond) is decided
+attend together (one call, or one product). Which image tokens a batch chunk gets (cond or uncond) is decided
 by the conditioning that produced the chunk, never by its position.
+
+How the image attention runs is chosen per device (``attention_form``). On a GPU, where a step is bound by
+kernel launches, it is one SDPA call for all adapters of a group (as extra heads) and one add. On the CPU,
+where it is bound by arithmetic, torch's SDPA vectorizes along the keys, so with 4 or 16 image keys most of
+each vector idles: there a few keys take matrix products (block-diagonal over the heads for 4 keys, batched
+over the heads for 16) and many keys take SDPA per adapter. bench/attention_forms.py times each form.
 """
 from __future__ import annotations
 
@@ -23,6 +29,9 @@ LayerKey = tuple[str, int, int]  # (block name, block id, depth index in its tra
 
 KV_SCALINGS = ("V only", "K+V", "K+V w/ C penalty", "K+mean(V) w/ C penalty")
 PENALTY_WIDTH = 1280  # the C penalty scales a layer's weight by C / 1280: shallow layers are damped
+BLOCK_DIAGONAL_MAX_COLUMNS = 40  # tokens x heads: above it the block-diagonal form's zeros cost more than SDPA
+HEAD_PRODUCTS_MAX_TOKENS = 64  # above it SDPA is faster than batched products (its scores fill the cache)
+FORMS = ("extra heads", "per adapter", "block-diagonal", "head products")
 
 
 @dataclass(frozen=True)
@@ -99,6 +108,34 @@ def mask_grid(mask: torch.Tensor, tokens: int, latent_hw: tuple[int, int]) -> to
     return grid.reshape(tokens, 1)
 
 
+def block_diagonal(x: torch.Tensor, adapters: int, heads: int) -> torch.Tensor:
+    """Head-major K or V [B, A*H, T, d] as one matrix per batch row, [B, A*T*H, H*d]: row (a, t, h) holds
+    adapter a's token t for head h in columns h*d .. h*d+d-1 and zeros elsewhere."""
+    b, _, tokens, d = x.shape
+    x = x.view(b, adapters, heads, tokens, d).transpose(2, 3)  # [B, A, T, H, d]
+    eye = torch.eye(heads, dtype=x.dtype, device=x.device)
+    return (x.unsqueeze(4) * eye[:, :, None]).reshape(b, -1, heads * d)
+
+
+def attention_form(device: torch.device, tokens: int, heads: int, upcast: bool) -> str:
+    """One of ``FORMS``, for adapters with ``tokens`` image tokens on a layer with ``heads`` heads: on a GPU
+    "extra heads"; on the CPU products for a few tokens, else "per adapter" (repeating the query for extra
+    heads costs more there than the calls it saves). With fp32 upcast, SDPA."""
+    if device.type != "cpu":
+        return "extra heads"
+    if upcast or tokens > HEAD_PRODUCTS_MAX_TOKENS:
+        return "per adapter"
+    return "block-diagonal" if tokens * heads <= BLOCK_DIAGONAL_MAX_COLUMNS else "head products"
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, upcast: bool) -> torch.Tensor:
+    """torch's SDPA, [B, H, N, d], whatever the host's attention: what the host itself uses on GPUs, and on
+    the CPU faster than the host's default there, which chunks the queries. ``upcast``: in fp32."""
+    if upcast:
+        return F.scaled_dot_product_attention(q.float(), k.float(), v.float()).to(q.dtype)
+    return F.scaled_dot_product_attention(q, k, v)
+
+
 def token_groups(adapters: tuple[AdapterSpec, ...], layer: int) -> tuple[tuple[int, ...], ...]:
     """The adapters active at ``layer`` (weight not 0), grouped by image token count: one attention call each."""
     groups: dict[int, list[int]] = {}
@@ -136,24 +173,32 @@ class DecoupledCrossAttention:
         out_heads = out.view(b, n, heads, d).transpose(1, 2)  # a view of this call's own tensor
         upcast = precision is torch.float32 and q.dtype != torch.float32  # the model asks for fp32 attention
         for group in self.groups[layer]:
-            k_ip, v_ip = self._batched_kv(group, layer, flags, b // len(flags), heads, q.device, q.dtype)
-            queries = q_heads
-            if len(group) > 1:  # A adapters as extra heads of one attention call: [B, A*H, N, d]
-                queries = q_heads.unsqueeze(1).expand(b, len(group), heads, n, d).reshape(b, -1, n, d)
-            # torch's SDPA whatever the host's attention: with a few image keys it is the fastest on CPU (the
-            # host's CPU default chunks the queries), and what the host itself uses on GPUs
-            if upcast:
-                term = F.scaled_dot_product_attention(queries.float(), k_ip.float(), v_ip.float()).to(q.dtype)
-            else:
-                term = F.scaled_dot_product_attention(queries, k_ip, v_ip)
+            tokens = self.adapters[group[0]].cond_tokens.shape[1]
             factor = self._factor(group, n, options, q.device, q.dtype)
-            if len(group) == 1:
-                if factor is None:
-                    out_heads.add_(term)  # one kernel
-                else:
-                    out_heads.addcmul_(term, factor[0])  # one kernel: mask and sigma gate in one factor
-            else:
-                term = term.view(b, len(group), heads, n, d)
+            form = attention_form(q.device, tokens, heads, upcast)
+            kv = self._kv(form, group, layer, flags, b // len(flags), heads, q.device, q.dtype)
+            if form == "block-diagonal":
+                # scores [B, N, A, T, H]: a softmax over each adapter's T keys for each head
+                p = torch.bmm(q, kv[0]).view(b, n, len(group), tokens, heads).softmax(3)
+                if factor is not None:
+                    p.mul_(factor.transpose(0, 1)[..., None])  # [N or 1, A, 1, 1]
+                out.baddbmm_(p.view(b, n, -1), kv[1])  # sums heads back into place and adapters together
+            elif form == "head products":
+                for row in range(b):  # [H, N, d] views with the heads as the batch: no copy of the query
+                    p = torch.bmm(q_heads[row], kv[0][row]).view(heads, n, len(group), tokens).softmax(3)
+                    if factor is not None:
+                        p.mul_(factor.transpose(0, 1))  # [N or 1, A, 1]
+                    out_heads[row].baddbmm_(p.view(heads, n, -1), kv[1][row])  # sums adapters together
+            elif form == "per adapter" or len(group) == 1:
+                for a, (k_ip, v_ip) in enumerate(zip(kv[0].split(heads, 1), kv[1].split(heads, 1))):
+                    term = _sdpa(q_heads, k_ip, v_ip, upcast)
+                    if factor is None:
+                        out_heads.add_(term)  # one kernel
+                    else:
+                        out_heads.addcmul_(term, factor[a])  # one kernel: mask and sigma gate in one factor
+            else:  # A adapters as extra heads of one attention call: [B, A*H, N, d]
+                queries = q_heads.unsqueeze(1).expand(b, len(group), heads, n, d).reshape(b, -1, n, d)
+                term = _sdpa(queries, *kv, upcast).view(b, len(group), heads, n, d)
                 if factor is not None:
                     term.mul_(factor[:, None])  # [A, 1, N or 1, 1] over [B, A, H, N, d]
                 out_heads.add_(term.sum(1))
@@ -205,6 +250,26 @@ class DecoupledCrossAttention:
                     x = x.index_select(0, pick)
                     found.append(x.view(x.shape[0], x.shape[1], heads, -1).transpose(1, 2))
             self._batched[key] = (torch.cat(keys, dim=1), torch.cat(values, dim=1))  # cat copies: contiguous
+        return self._batched[key]
+
+    def _kv(self, form, group, layer, flags, rows, heads, device, dtype):
+        """``_batched_kv`` laid out for ``form``: SDPA takes it as it is; "block-diagonal" takes K^T / sqrt(d)
+        [B, C, A*T*H] and V [B, A*T*H, C] (``block_diagonal``); "head products" takes K^T / sqrt(d)
+        [B, H, d, A*T] and V [B, H, A*T, d]."""
+        k_ip, v_ip = self._batched_kv(group, layer, flags, rows, heads, device, dtype)
+        if form not in ("block-diagonal", "head products"):
+            return k_ip, v_ip
+        key = (form, group, layer, flags, rows, heads, device, dtype)
+        if key not in self._batched:
+            k_ip = k_ip * k_ip.shape[-1] ** -0.5
+            if form == "block-diagonal":
+                k_t = block_diagonal(k_ip, len(group), heads).transpose(1, 2).contiguous()
+                self._batched[key] = (k_t, block_diagonal(v_ip, len(group), heads))
+            else:
+                b, _, tokens, d = k_ip.shape
+                by_head = [x.view(b, len(group), heads, tokens, d).transpose(1, 2).reshape(b, heads, -1, d)
+                           for x in (k_ip, v_ip)]  # [B, H, A*T, d]
+                self._batched[key] = (by_head[0].transpose(2, 3).contiguous(), by_head[1])
         return self._batched[key]
 
     def __deepcopy__(self, memo):

@@ -116,6 +116,16 @@ def tiny(host, need_models):
     return Setup(host, "tiny_sd15.ckpt", TINY_DIFFUSERS, factory.TINY_SD15_WIDTHS)
 
 
+FORMS = ["extra heads", "per adapter", "block-diagonal", "head products"]  # attention.FORMS (each its own test)
+
+
+def force_form(tiny, monkeypatch, form: str):
+    """Run the image attention in ``form`` whatever the device and token count: the CPU's forms and the GPU's
+    ("extra heads") all run here, where only the CPU's would be chosen."""
+    assert tuple(FORMS) == tiny.attention.FORMS  # a new form gets its parity tests here
+    monkeypatch.setattr(tiny.attention, "attention_form", lambda device, tokens, heads, upcast: form)
+
+
 def inputs(seed=0):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(2, 4, 8, 8, generator=g), torch.tensor([421.0, 421.0]), torch.randn(2, 77, 768, generator=g), g
@@ -129,7 +139,9 @@ def _diffusers_embeds(variant, uncond, cond):
 @pytest.mark.parametrize("stem", ["ip-adapter_sd15", "ip-adapter-plus_sd15", "ip-adapter-full-face_sd15",
                                   "ip-adapter_sd15_vit-G"])
 @pytest.mark.parametrize("weight", [1.0, 0.35])
-def test_one_adapter_matches_diffusers(tiny, tmp_path, stem, weight):
+@pytest.mark.parametrize("form", FORMS[1:])  # extra heads is per adapter for one adapter
+def test_one_adapter_matches_diffusers(tiny, tmp_path, monkeypatch, stem, weight, form):
+    force_form(tiny, monkeypatch, form)
     x, t, context, g = inputs()
     adapter, state = tiny.adapter(stem, 11, tmp_path)
     cond, uncond = embeds_for(adapter.variant, g), embeds_for(adapter.variant, g)
@@ -156,9 +168,12 @@ def test_two_adapters_compose_like_diffusers(tiny, tmp_path):
     torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-4)
 
 
-def test_adapters_with_equal_token_counts_run_as_extra_heads_like_diffusers(tiny, tmp_path):
-    """Three plus adapters share one attention call: masks per adapter, one gated by sigma (diffusers has no
-    sigma range: at an early sigma the gated adapter is off, so diffusers runs without it)."""
+@pytest.mark.parametrize("form", FORMS)
+def test_adapters_with_equal_token_counts_run_as_extra_heads_like_diffusers(tiny, tmp_path, monkeypatch, form):
+    """Three plus adapters in one group (one attention call as extra heads, or one product): masks per adapter,
+    one gated by sigma (diffusers has no sigma range: at an early sigma the gated adapter is off, so diffusers
+    runs without it)."""
+    force_form(tiny, monkeypatch, form)
     x, t, context, g = inputs(12)
     left, right = torch.zeros(1, 8, 8), torch.zeros(1, 8, 8)
     left[:, :, :4], right[:, :, 4:] = 1.0, 1.0
@@ -176,12 +191,14 @@ def test_adapters_with_equal_token_counts_run_as_extra_heads_like_diffusers(tiny
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("attn_precision", [None, torch.float32])
-def test_half_precision_adds_no_error_beyond_the_unets_own(tiny, tmp_path, dtype, attn_precision):
-    """The UNet in fp16/bf16 (as on GPUs; ``attn_precision`` fp32 is the models that upcast attention), two plus
-    adapters in one call, one masked: the patched UNet is as close to diffusers' fp32 result as the plain UNet
-    is to its own fp32 result, and the adapters' effect is intact."""
+@pytest.mark.parametrize("attn_precision, form", [(None, f) for f in FORMS] + [(torch.float32, "extra heads")],
+                         ids=FORMS + ["fp32-attention"])
+def test_half_precision_adds_no_error_beyond_the_unets_own(tiny, tmp_path, monkeypatch, dtype, attn_precision, form):
+    """The UNet in fp16/bf16 (as on GPUs; ``attn_precision`` fp32 is the models that upcast attention, which
+    never take the matrix products), two plus adapters in one group, one masked: the patched UNet is as close
+    to diffusers' fp32 result as the plain UNet is to its own fp32 result, and the adapters' effect is intact."""
     import copy
+    force_form(tiny, monkeypatch, form)
     x, t, context, g = inputs(13)
     mask = torch.zeros(1, 8, 8)
     mask[:, :4] = 1.0
