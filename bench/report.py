@@ -87,6 +87,25 @@ def dispatch_section() -> list[str]:
     return lines + ["", "Reproduce: " + ", ".join(commands), ""]
 
 
+def forms_section() -> list[str]:
+    """The image attention's forms on the CPU, one layer call each (bench.attention_forms)."""
+    result = _read("attention_forms.json")
+    if result is None:
+        return []
+    forms = list(max((row["ms"] for row in result["rows"]), key=len))  # the module's order (FORMS)
+    lines = [f"One call of the attn2 replacement per row (batch 2), its text attention left out; {result['rounds']} "
+             f"interleaved rounds, median; {result['machine']}; `{result['command']}`. In bold: the form the CPU "
+             f"runs (`attention_form`); GPUs run extra heads.", "",
+             "| layer | image tokens × adapters | " + " | ".join(forms) + " |", "|---|---|" + "---|" * len(forms)]
+    for row in result["rows"]:
+        cells = [("–" if form not in row["ms"] else
+                  (f"**{row['ms'][form]:.2f} ms**" if form == row["picked"] else f"{row['ms'][form]:.2f} ms"))
+                 for form in forms]
+        lines.append(f"| {row['model']}: N={row['queries']}, C={row['width']}, H={row['heads']} "
+                     f"| {row['tokens']} × {row['adapters']} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
 def edit_section() -> list[str]:
     lines = []
     for unet in ("tiny", "full"):
@@ -159,7 +178,9 @@ def main(argv: list[str]) -> int:
         section = end_to_end_section(size, set_name)
         if section:
             lines += [f"## Whole steps through the host's sampler, {size} px ({set_name})", ""] + section
-    lines += ["## Dispatch budget (torch profiler, full SD1.5 UNet, one batch-2 call)", ""] + dispatch_section()
+    lines += ["## Forms of the image attention on the CPU", ""] + forms_section()
+    lines += ["## Dispatch budget (torch profiler, full SD1.5 UNet, one batch-2 call, the GPU's forms)", ""]
+    lines += dispatch_section()
     lines += ["## Instruction edit guider", ""] + edit_section()
     lines += ["## Adapter load and CLIP-vision encode", ""] + load_section()
     (RESULTS / "speed.md").write_text("\n".join(lines))
