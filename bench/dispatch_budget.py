@@ -48,17 +48,17 @@ def _computes(event) -> bool:
     return event.name.startswith("aten::") and (event.name not in METADATA_OPS or any(map(_computes, event.cpu_children)))
 
 
+def lowest_computing(event) -> bool:
+    """A computing operator that calls no other (on a GPU, each launches at least one kernel)."""
+    return _computes(event) and event.name not in METADATA_OPS and not any(map(_computes, event.cpu_children))
+
+
 def aten_ops(step) -> Counter:
     """The lowest computing operators of one call (on a GPU each is a kernel launch), and host syncs."""
     step()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         step()
-    counts = Counter()
-    for event in prof.events():
-        if event.name in SYNC_OPS or (_computes(event) and event.name not in METADATA_OPS
-                                      and not any(map(_computes, event.cpu_children))):
-            counts[event.name] += 1
-    return counts
+    return Counter(event.name for event in prof.events() if event.name in SYNC_OPS or lowest_computing(event))
 
 
 def patched_layers(model) -> int:

@@ -38,8 +38,9 @@ def machine() -> str:
             f"{torch.get_num_threads()} thread(s)")
 
 
-def start_host(cubiq: Path | None = None, pytorch_attention: bool = False):
-    """The host's ``nodes`` module with this pack (and ComfyUI_IPAdapter_plus from ``cubiq``) loaded."""
+def start_host(cubiq: Path | None = None, pytorch_attention: bool = False, cpu: bool = True):
+    """The host's ``nodes`` module with this pack (and ComfyUI_IPAdapter_plus from ``cubiq``) loaded; on the
+    CPU, or (``cpu=False``) on the device the host picks."""
     base = Path(tempfile.mkdtemp(prefix="bench-host-"))
     if cubiq is not None:
         if not (Path(cubiq) / "CrossAttentionPatch.py").is_file():
@@ -47,7 +48,7 @@ def start_host(cubiq: Path | None = None, pytorch_attention: bool = False):
         (base / "custom_nodes").mkdir(parents=True)
         (base / "custom_nodes" / CUBIQ_NODE_DIR).symlink_to(Path(cubiq).resolve(), target_is_directory=True)
     comfy_host.import_host(base_dir=base, models_dir=factory.models_dir(), load_nodes=False,
-                           pytorch_attention=pytorch_attention)
+                           pytorch_attention=pytorch_attention, cpu=cpu)
     nodes = comfy_host.import_host()
     if cubiq is not None and "IPAdapterEmbeds" not in nodes.NODE_CLASS_MAPPINGS:
         raise RuntimeError(f"the host did not load ComfyUI_IPAdapter_plus from {cubiq}")

@@ -39,3 +39,18 @@ def test_with_sdpa_one_adapter_adds_at_most_three_operators_per_layer(tmp_path):
     one = measure("tiny", stacks=(1,))["stacks"][0]
     assert one["syncs_added"] == 0
     assert one["ops_per_layer_per_adapter"] <= 3
+
+
+def test_whole_sampler_steps_add_no_host_syncs_and_the_gpu_bench_runs(host, need_models):
+    """bench.gpu_step on the CPU with the tiny UNet: every variant through the host's sampler; ours adds
+    operators but no host syncs per step, whatever the adapter."""
+    from bench import gpu_step
+    need_models("checkpoints/tiny_sd15.ckpt", *gpu_step.MODELS["tiny"][2].values())
+    result = gpu_step.main(["--model", "tiny", "--size", "64", "--steps", "3", "--rounds", "1", "--cpu"])
+    rows = result["variants"]
+    assert set(rows) == {"bare", "ours: base", "ours: plus", "ours: full-face", "ours: plus x4"}
+    for name, row in rows.items():
+        assert row["wall_ms"]["n"] == 2 and row["wall_ms"]["median"] > 0  # 3 steps timed, the first dropped
+        if name != "bare":
+            assert row["syncs"] == rows["bare"]["syncs"]
+            assert row["operators"] > rows["bare"]["operators"]

@@ -228,8 +228,9 @@ _nodes_loaded = False
 
 
 def import_host(base_dir: Path | None = None, models_dir: Path | None = None, load_nodes: bool = True,
-                pytorch_attention: bool = False):
-    """Make the host importable in this process, configured like ``main.py --cpu``, and (with
+                pytorch_attention: bool = False, cpu: bool = True):
+    """Make the host importable in this process, configured like ``main.py --cpu`` (``cpu=False``: like
+    ``main.py``, on the device the host picks), and (with
     ``load_nodes``) load its built-in and custom nodes, this pack among them. Returns the
     host's ``nodes`` module, or None without ``load_nodes``.
 
@@ -241,7 +242,7 @@ def import_host(base_dir: Path | None = None, models_dir: Path | None = None, lo
         if str(root) not in sys.path:
             sys.path.insert(0, str(root))
         from comfy.cli_args import args  # parsed from [] since args parsing stays disabled in-process
-        args.cpu = True
+        args.cpu = cpu
         args.base_directory = str(base)
         args.database_url = "sqlite:///:memory:"
         args.use_pytorch_cross_attention = pytorch_attention
