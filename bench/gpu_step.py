@@ -38,6 +38,7 @@ MODELS = {  # checkpoint, text width, adapter kind -> file
 }
 STACKS = {"base": ["base"], "plus": ["plus"], "full-face": ["full-face"], "plus x4": ["plus"] * 4}
 CUDA_SYNCS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
+PROFILED_STEPS = 2  # the profiler sees one sampler run of this many steps; its counts are divided by it
 
 
 def profile_step(run) -> dict:
@@ -100,7 +101,8 @@ def main(argv: list[str]) -> dict:
         guider.sample(torch.randn(latent.shape, generator=g), latent, sampler, sigmas, disable_pbar=True, seed=0,
                       callback=callback if stamps is not None else None)
 
-    counts = {name: profile_step(lambda name=name: sample(name, 2)) for name in variants}  # two steps per call
+    per_step = {name: {key: value / PROFILED_STEPS for key, value in profile_step(
+        lambda name=name: sample(name, PROFILED_STEPS)).items()} for name in variants}
     walls = {name: [] for name in variants}
     names = list(variants)
     for r in range(args.rounds):
@@ -113,15 +115,13 @@ def main(argv: list[str]) -> dict:
     bare_wall = harness.summary(walls["bare"])["median"]
     rows = {}
     for name in names:
-        per_step = {key: value / 2 for key, value in counts[name].items()}
-        wall = harness.summary(walls[name])
+        wall, own, bare = harness.summary(walls[name]), per_step[name], per_step["bare"]
         rows[name] = {"wall_ms": {k: (v * 1e3 if k != "n" else v) for k, v in wall.items()},
-                      "wall_added_pct": 100 * (wall["median"] / bare_wall - 1), **per_step}
-        bare = counts["bare"]
+                      "wall_added_pct": 100 * (wall["median"] / bare_wall - 1), **own}
         print(f"{name:24s} {wall['median'] * 1e3:8.2f} ms/step ({rows[name]['wall_added_pct']:+6.1f} %), "
-              f"{per_step['kernels']:6.0f} kernels (+{(counts[name]['kernels'] - bare['kernels']) / 2:.0f}), "
-              f"{per_step['syncs']:4.0f} syncs (+{(counts[name]['syncs'] - bare['syncs']) / 2:.0f}), "
-              f"GPU busy {per_step['gpu_busy_ms']:7.2f} ms, {per_step['operators']:6.0f} operators", flush=True)
+              f"{own['kernels']:6.0f} kernels (+{own['kernels'] - bare['kernels']:.0f}), "
+              f"{own['syncs']:4.0f} syncs (+{own['syncs'] - bare['syncs']:.0f}), "
+              f"GPU busy {own['gpu_busy_ms']:7.2f} ms, {own['operators']:6.0f} operators", flush=True)
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else harness.machine()
     result = {"model": args.model, "size": args.size, "steps": args.steps, "rounds": args.rounds,
               "device": device_name, "dtype": str(model.model.get_dtype()), "variants": rows,
