@@ -68,7 +68,7 @@ def main(argv: list[str]) -> int:
             print(f"{model} N={queries} C={width} H={heads} T={tokens} A={adapters}: "
                   + ", ".join(f"{form} {t:.2f} ms" for form, t in ms.items()) + f"; picked {picked}", flush=True)
     attention.attention_form = chosen
-    harness.write_result(args.out, {"rows": rows, "block_diagonal_max_columns": attention.BLOCK_DIAGONAL_MAX_COLUMNS,
+    harness.write_result(args.out, {"rows": rows, "key_major_below_tokens": attention.KEY_MAJOR_BELOW_TOKENS,
                                     "head_products_max_tokens": attention.HEAD_PRODUCTS_MAX_TOKENS,
                                     "rounds": args.rounds, "machine": harness.machine(),
                                     "command": "python -m bench.attention_forms " + " ".join(argv)})

@@ -11,8 +11,9 @@ by the conditioning that produced the chunk, never by its position.
 How the image attention runs is chosen per device (``attention_form``). On a GPU, where a step is bound by
 kernel launches, it is one SDPA call for all adapters of a group (as extra heads) and one add. On the CPU,
 where it is bound by arithmetic, torch's SDPA vectorizes along the keys, so with 4 or 16 image keys most of
-each vector idles: there a few keys take matrix products (block-diagonal over the heads for 4 keys, batched
-over the heads for 16) and many keys take SDPA per adapter. bench/attention_forms.py times each form.
+each vector idles: there a few keys take two matrix products batched over the heads, with the softmax along
+the keys (16 keys) or, for fewer keys than a vector holds, along the queries (4 keys), and many keys take
+SDPA per adapter. bench/attention_forms.py times each form.
 """
 from __future__ import annotations
 
@@ -29,9 +30,9 @@ LayerKey = tuple[str, int, int]  # (block name, block id, depth index in its tra
 
 KV_SCALINGS = ("V only", "K+V", "K+V w/ C penalty", "K+mean(V) w/ C penalty")
 PENALTY_WIDTH = 1280  # the C penalty scales a layer's weight by C / 1280: shallow layers are damped
-BLOCK_DIAGONAL_MAX_COLUMNS = 40  # tokens x heads: above it the block-diagonal form's zeros outweigh its speed
+KEY_MAJOR_BELOW_TOKENS = 8  # an AVX2 vector's floats: fewer keys softmax faster along the queries (3x at 4 keys)
 HEAD_PRODUCTS_MAX_TOKENS = 64  # products and SDPA are even at 64 tokens; at 257 SDPA is 1.3-3x faster
-FORMS = ("extra heads", "per adapter", "block-diagonal", "head products")
+FORMS = ("extra heads", "per adapter", "key-major products", "head products")
 
 
 @dataclass(frozen=True)
@@ -108,24 +109,16 @@ def mask_grid(mask: torch.Tensor, tokens: int, latent_hw: tuple[int, int]) -> to
     return grid.reshape(tokens, 1)
 
 
-def block_diagonal(x: torch.Tensor, adapters: int, heads: int) -> torch.Tensor:
-    """Head-major K or V [B, A*H, T, d] as one matrix per batch row, [B, A*T*H, H*d]: row (a, t, h) holds
-    adapter a's token t for head h in columns h*d .. h*d+d-1 and zeros elsewhere."""
-    b, _, tokens, d = x.shape
-    x = x.view(b, adapters, heads, tokens, d).transpose(2, 3)  # [B, A, T, H, d]
-    eye = torch.eye(heads, dtype=x.dtype, device=x.device)
-    return (x.unsqueeze(4) * eye[:, :, None]).reshape(b, -1, heads * d)
-
-
 def attention_form(device: torch.device, tokens: int, heads: int, upcast: bool) -> str:
     """One of ``FORMS``, for adapters with ``tokens`` image tokens on a layer with ``heads`` heads: on a GPU
     "extra heads"; on the CPU products for a few tokens, else "per adapter" (repeating the query for extra
-    heads costs more there than the calls it saves). With fp32 upcast, SDPA."""
+    heads costs more there than the calls it saves); of the products, "key-major" for fewer keys than a vector
+    holds. With fp32 upcast, SDPA."""
     if device.type != "cpu":
         return "extra heads"
     if upcast or tokens > HEAD_PRODUCTS_MAX_TOKENS:
         return "per adapter"
-    return "block-diagonal" if tokens * heads <= BLOCK_DIAGONAL_MAX_COLUMNS else "head products"
+    return "key-major products" if tokens < KEY_MAJOR_BELOW_TOKENS else "head products"
 
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, upcast: bool) -> torch.Tensor:
@@ -177,12 +170,12 @@ class DecoupledCrossAttention:
             factor = self._factor(group, n, options, q.device, q.dtype)
             form = attention_form(q.device, tokens, heads, upcast)
             kv = self._kv(form, group, layer, flags, b // len(flags), heads, q.device, q.dtype)
-            if form == "block-diagonal":
-                # scores [B, N, A, T, H]: a softmax over each adapter's T keys for each head
-                p = torch.bmm(q, kv[0]).view(b, n, len(group), tokens, heads).softmax(3)
-                if factor is not None:
-                    p.mul_(factor.transpose(0, 1)[..., None])  # [N or 1, A, 1, 1]
-                out.baddbmm_(p.view(b, n, -1), kv[1])  # sums heads back into place and adapters together
+            if form == "key-major products":
+                for row in range(b):  # scores [H, A*T, N]: each adapter's softmax over T keys runs along N
+                    p = torch.bmm(kv[0][row], q_heads[row].transpose(1, 2)).view(heads, len(group), tokens, n).softmax(2)
+                    if factor is not None:
+                        p.mul_(factor.transpose(1, 2))  # [A, 1, N or 1]
+                    out_heads[row].baddbmm_(p.view(heads, -1, n).transpose(1, 2), kv[1][row])  # sums adapters
             elif form == "head products":
                 for row in range(b):  # [H, N, d] views with the heads as the batch: no copy of the query
                     p = torch.bmm(q_heads[row], kv[0][row]).view(heads, n, len(group), tokens).softmax(3)
@@ -253,23 +246,19 @@ class DecoupledCrossAttention:
         return self._batched[key]
 
     def _kv(self, form, group, layer, flags, rows, heads, device, dtype):
-        """``_batched_kv`` laid out for ``form``: SDPA takes it as it is; "block-diagonal" takes K^T / sqrt(d)
-        [B, C, A*T*H] and V [B, A*T*H, C] (``block_diagonal``); "head products" takes K^T / sqrt(d)
-        [B, H, d, A*T] and V [B, H, A*T, d]."""
+        """``_batched_kv`` laid out for ``form``: SDPA takes it as it is; the products take V [B, H, A*T, d]
+        and K / sqrt(d), as [B, H, A*T, d] ("key-major products") or transposed, [B, H, d, A*T] ("head products")."""
         k_ip, v_ip = self._batched_kv(group, layer, flags, rows, heads, device, dtype)
-        if form not in ("block-diagonal", "head products"):
+        if form not in ("key-major products", "head products"):
             return k_ip, v_ip
         key = (form, group, layer, flags, rows, heads, device, dtype)
         if key not in self._batched:
-            k_ip = k_ip * k_ip.shape[-1] ** -0.5
-            if form == "block-diagonal":
-                k_t = block_diagonal(k_ip, len(group), heads).transpose(1, 2).contiguous()
-                self._batched[key] = (k_t, block_diagonal(v_ip, len(group), heads))
-            else:
-                b, _, tokens, d = k_ip.shape
-                by_head = [x.view(b, len(group), heads, tokens, d).transpose(1, 2).reshape(b, heads, -1, d)
-                           for x in (k_ip, v_ip)]  # [B, H, A*T, d]
-                self._batched[key] = (by_head[0].transpose(2, 3).contiguous(), by_head[1])
+            b, _, tokens, d = k_ip.shape
+            k_ip, v_ip = [x.view(b, len(group), heads, tokens, d).transpose(1, 2).reshape(b, heads, -1, d)
+                          for x in (k_ip * d ** -0.5, v_ip)]  # [B, H, A*T, d]
+            if form == "head products":
+                k_ip = k_ip.transpose(2, 3).contiguous()
+            self._batched[key] = (k_ip, v_ip)
         return self._batched[key]
 
     def __deepcopy__(self, memo):

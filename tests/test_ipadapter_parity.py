@@ -116,7 +116,7 @@ def tiny(host, need_models):
     return Setup(host, "tiny_sd15.ckpt", TINY_DIFFUSERS, factory.TINY_SD15_WIDTHS)
 
 
-FORMS = ["extra heads", "per adapter", "block-diagonal", "head products"]  # attention.FORMS (each its own test)
+FORMS = ["extra heads", "per adapter", "key-major products", "head products"]  # attention.FORMS (each its own test)
 
 
 def force_form(tiny, monkeypatch, form: str):
