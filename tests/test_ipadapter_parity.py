@@ -264,14 +264,21 @@ def test_per_layer_weights_match_diffusers_per_layer_scales(tiny, tmp_path):
     torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-4)
 
 
-def test_attention_mask_matches_diffusers_masks(tiny, tmp_path):
+@pytest.mark.parametrize("form", FORMS[1:])
+def test_attention_mask_matches_diffusers_masks(tiny, tmp_path, monkeypatch, form):
+    """A mask over half the image: on the CPU's forms only the rows it covers are attended (gathered and added back)."""
+    force_form(tiny, monkeypatch, form)
     x, t, context, g = inputs(7)
     adapter, state = tiny.adapter("ip-adapter_sd15", 71, tmp_path)
     cond, uncond = embeds_for(adapter.variant, g), embeds_for(adapter.variant, g)
     mask = torch.zeros(1, 8, 8)
     mask[:, :, :4] = 1.0
     spec = tiny.node_spec(adapter, cond, uncond, 1.0, attn_mask=mask)
-    ours = tiny.run_host(tiny.patch.patch_model(tiny.model, adapter, spec), x, t, context, [1, 0])
+    patched = tiny.patch.patch_model(tiny.model, adapter, spec)
+    ours = tiny.run_host(patched, x, t, context, [1, 0])
+    layer = next(iter(patched.model_options["transformer_options"]["patches_replace"]["attn2"].values()))
+    covered = {key[2]: len(rows) for key, rows in layer._batched.items() if key[0] == "rows" and rows is not None}
+    assert covered and all(2 * rows == tokens for tokens, rows in covered.items())  # the mask's half, per layer
     unmasked = tiny.run_host(tiny.patch.patch_model(tiny.model, adapter, tiny.spec(adapter, cond, uncond, 1.0)),
                              x, t, context, [1, 0])
     theirs = tiny.run_diffusers([state], [1.0], [_diffusers_embeds(adapter.variant, uncond, cond)], x, t, context,
