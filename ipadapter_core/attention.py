@@ -13,7 +13,9 @@ kernel launches, it is one SDPA call for all adapters of a group (as extra heads
 where it is bound by arithmetic, torch's SDPA vectorizes along the keys, so with 4 or 16 image keys most of
 each vector idles: there a few keys take two matrix products batched over the heads, with the softmax along
 the keys (16 keys) or, for fewer keys than a vector holds, along the queries (4 keys), and many keys take
-SDPA per adapter. bench/attention_forms.py times each form.
+SDPA per adapter. bench/attention_forms.py times each form. Also only on the CPU, where reading a tensor back
+costs no GPU sync: adapters outside their sigma range are skipped, and a mask over a small part of a layer
+limits its attention to the rows the mask covers.
 """
 from __future__ import annotations
 
@@ -131,22 +133,28 @@ def head_major(x: torch.Tensor, heads: int) -> torch.Tensor:
 
 
 def add_image_term(form: str, q: torch.Tensor, out: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor],
-                   factor: torch.Tensor | None, adapters: int, upcast: bool) -> None:
+                   factor: torch.Tensor | None, adapters: int, upcast: bool,
+                   scratch: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
     """out += sum_a factor_a * Attn(q, K_a, V_a) for one token group, in ``form``: ``q`` and ``out`` are head-major
     views [B, H, N, d]; ``kv`` is laid out for the form (``DecoupledCrossAttention._kv``); ``factor``
-    [A, N or 1, 1] or None."""
+    [A, N or 1, 1] or None. The product forms write scores and probabilities into ``scratch``, two flat
+    buffers of H*A*T*N values."""
     b, heads, n, d = q.shape
     if form == "key-major products":
         tokens = kv[0].shape[2] // adapters
+        scores, p = (x.view(heads, adapters, tokens, n) for x in scratch)
         for row in range(b):  # scores [H, A*T, N]: each adapter's softmax over T keys runs along N
-            p = torch.bmm(kv[0][row], q[row].transpose(1, 2)).view(heads, adapters, tokens, n).softmax(2)
+            torch.bmm(kv[0][row], q[row].transpose(1, 2), out=scores.view(heads, -1, n))
+            torch.softmax(scores, 2, out=p)
             if factor is not None:
                 p.mul_(factor.transpose(1, 2))  # [A, 1, N or 1]
             out[row].baddbmm_(p.view(heads, -1, n).transpose(1, 2), kv[1][row])  # sums adapters together
     elif form == "head products":
         tokens = kv[0].shape[3] // adapters
+        scores, p = (x.view(heads, n, adapters, tokens) for x in scratch)
         for row in range(b):  # [H, N, d] views with the heads as the batch: no copy of the query
-            p = torch.bmm(q[row], kv[0][row]).view(heads, n, adapters, tokens).softmax(3)
+            torch.bmm(q[row], kv[0][row], out=scores.view(heads, n, -1))
+            torch.softmax(scores, 3, out=p)
             if factor is not None:
                 p.mul_(factor.transpose(0, 1))  # [N or 1, A, 1]
             out[row].baddbmm_(p.view(heads, n, -1), kv[1][row])  # sums adapters together
@@ -215,13 +223,17 @@ class DecoupledCrossAttention:
                 continue  # outside every adapter's sigma range, or masked out everywhere on this layer
             kv = self._kv(form, group, layer, flags, b // len(flags), heads, q.device, q.dtype)
             rows = self._masked_rows(group, n, options, q.device) if on_cpu and factor is not None else None
+            scratch = None
+            if form in ("key-major products", "head products"):
+                scratch = self._scratch(heads * len(group) * tokens * (n if rows is None else len(rows)), q)
             if rows is None:
-                add_image_term(form, head_major(q, heads), head_major(out, heads), kv, factor, len(group), upcast)
+                add_image_term(form, head_major(q, heads), head_major(out, heads), kv, factor, len(group), upcast,
+                               scratch)
             else:  # only the query rows a mask covers: gathered, attended, added back
                 q_rows = q.index_select(1, rows)
                 term = torch.zeros_like(q_rows)
                 add_image_term(form, head_major(q_rows, heads), head_major(term, heads), kv,
-                               factor.index_select(1, rows), len(group), upcast)
+                               factor.index_select(1, rows), len(group), upcast, scratch)
                 out.index_add_(1, rows, term)
         return out
 
@@ -254,6 +266,16 @@ class DecoupledCrossAttention:
                 gated[group] = ((sigmas[:1] <= high) & (sigmas[:1] >= low)).to(dtype)[:, None, None]
             gated[key] = self._batched[key] * gated[group]
         return gated[key]
+
+    def _scratch(self, size, like):
+        """Two flat buffers of ``size`` values (``like``'s device and dtype) for the products' scores and
+        probabilities, kept across calls and grown to the largest layer: allocating a fresh 2-10 MB tensor per
+        call was measured at 1.3-1.7x the product forms' time on the CPU (page faults, as the allocator hands
+        memory back and forth). Calls run one at a time, as the host samples."""
+        key = ("scratch", like.device, like.dtype)
+        if key not in self._batched or self._batched[key][0].numel() < size:
+            self._batched[key] = (like.new_empty(size), like.new_empty(size))
+        return tuple(x[:size] for x in self._batched[key])
 
     def _masked_rows(self, group, tokens, options, device):
         """The query rows [M] where some adapter of ``group`` has a mask above 0, when every adapter has a mask
