@@ -23,7 +23,7 @@ from ipadapter_core import attention
 # (model, query tokens N, width C, heads H): every distinct cross-attention shape at the model's usual size
 SHAPES = (("SD1.5 512", 4096, 320, 8), ("SD1.5 512", 1024, 640, 8), ("SD1.5 512", 256, 1280, 8),
           ("SD1.5 512", 64, 1280, 8), ("SDXL 1024", 4096, 640, 10), ("SDXL 1024", 1024, 1280, 20))
-CASES = ((4, 1), (4, 4), (16, 1), (16, 4), (64, 1), (257, 1))  # (image tokens T, stacked adapters A)
+CASES = ((4, 1), (4, 4), (6, 1), (16, 1), (16, 4), (32, 1), (64, 1), (257, 1))  # (image tokens T, stacked adapters A)
 
 
 def layer_call(width: int, heads: int, tokens: int, adapters: int, queries: int, generator):
