@@ -37,7 +37,8 @@ HEAD_PRODUCTS_MAX_TOKENS = 64  # products and SDPA are even at 64 tokens; at 257
 # On the CPU, masks covering at most this share of a layer's rows run on those rows only. At half the rows this
 # took 0.5-0.7x the time with 16 or 257 image tokens (even with 4); at three quarters, 1.1-1.8x with 4 or 16.
 MASKED_ROWS_MAX_SHARE = 0.5
-FORMS = ("extra heads", "per adapter", "key-major products", "head products")
+PRODUCTS = ("key-major products", "head products")  # the CPU's forms for a few tokens: two matrix products
+FORMS = ("extra heads", "per adapter", *PRODUCTS)
 
 
 @dataclass(frozen=True)
@@ -224,7 +225,7 @@ class DecoupledCrossAttention:
             kv = self._kv(form, group, layer, flags, b // len(flags), heads, q.device, q.dtype)
             rows = self._masked_rows(group, n, options, q.device) if on_cpu and factor is not None else None
             scratch = None
-            if form in ("key-major products", "head products"):
+            if form in PRODUCTS:
                 scratch = self._scratch(heads * len(group) * tokens * (n if rows is None else len(rows)), q)
             if rows is None:
                 add_image_term(form, head_major(q, heads), head_major(out, heads), kv, factor, len(group), upcast,
@@ -313,7 +314,7 @@ class DecoupledCrossAttention:
         """``_batched_kv`` laid out for ``form``: SDPA takes it as it is; the products take V [B, H, A*T, d]
         and K / sqrt(d), as [B, H, A*T, d] ("key-major products") or transposed, [B, H, d, A*T] ("head products")."""
         k_ip, v_ip = self._batched_kv(group, layer, flags, rows, heads, device, dtype)
-        if form not in ("key-major products", "head products"):
+        if form not in PRODUCTS:
             return k_ip, v_ip
         key = (form, group, layer, flags, rows, heads, device, dtype)
         if key not in self._batched:

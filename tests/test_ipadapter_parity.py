@@ -303,6 +303,23 @@ def test_start_and_end_gate_the_adapter_by_sigma(tiny, tmp_path):
         tiny.node_spec(adapter, cond, uncond, 1.0, start_at=0.7, end_at=0.2)
 
 
+def test_the_cpu_skips_an_adapter_outside_its_sigma_range(tiny, tmp_path, monkeypatch):
+    """On the CPU the gate is read back (no GPU sync to avoid): outside the range no image attention runs at all."""
+    x, t, context, g = inputs(9)
+    adapter, _ = tiny.adapter("ip-adapter-plus_sd15", 91, tmp_path)
+    cond, uncond = embeds_for(adapter.variant, g), embeds_for(adapter.variant, g)
+    gated = tiny.patch.patch_model(tiny.model, adapter, tiny.node_spec(adapter, cond, uncond, 1.0, end_at=0.5))
+    forms = []
+    add_image_term = tiny.attention.add_image_term
+    monkeypatch.setattr(tiny.attention, "add_image_term",
+                        lambda form, *rest: forms.append(form) or add_image_term(form, *rest))
+    sampling = tiny.model.get_model_object("model_sampling")
+    tiny.run_host(gated, x, t, context, [1, 0], sigma=float(sampling.sigma_min))
+    assert forms == []
+    tiny.run_host(gated, x, t, context, [1, 0], sigma=float(sampling.sigma_max))
+    assert set(forms) == {"head products"} and len(forms) == len(TINY_BLOCKS)
+
+
 def test_embeds_scaling_modes_follow_their_definitions(tiny, tmp_path):
     """At C = 320 the C penalty is 320/1280, so weight 4 with a penalty mode is weight 1 on K and V."""
     x, t, context, g = inputs(9)
