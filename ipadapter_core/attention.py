@@ -223,7 +223,7 @@ class DecoupledCrossAttention:
             if on_cpu and factor is not None and not factor.any():
                 continue  # outside every adapter's sigma range, or masked out everywhere on this layer
             kv = self._kv(form, group, layer, flags, b // len(flags), heads, q.device, q.dtype)
-            rows = self._masked_rows(group, n, options, q.device) if on_cpu and factor is not None else None
+            rows = self._masked_rows(group, n, options, q.device, q.dtype) if on_cpu and factor is not None else None
             scratch = None
             if form in PRODUCTS:
                 scratch = self._scratch(heads * len(group) * tokens * (n if rows is None else len(rows)), q)
@@ -278,17 +278,17 @@ class DecoupledCrossAttention:
             self._batched[key] = (like.new_empty(size), like.new_empty(size))
         return tuple(x[:size] for x in self._batched[key])
 
-    def _masked_rows(self, group, tokens, options, device):
+    def _masked_rows(self, group, tokens, options, device, dtype):
         """The query rows [M] where some adapter of ``group`` has a mask above 0, when every adapter has a mask
-        and they cover at most ``MASKED_ROWS_MAX_SHARE`` of the rows; else None (all rows)."""
-        adapters = [self.adapters[i] for i in group]
-        if any(a.mask is None for a in adapters):
+        and they cover at most ``MASKED_ROWS_MAX_SHARE`` of the rows; else None (all rows). Read from the mask
+        grids ``_factor`` made for this layer."""
+        if any(self.adapters[i].mask is None for i in group):
             return None
         latent_hw = tuple(options["original_shape"][-2:])
         key = ("rows", group, tokens, latent_hw, device)
         if key not in self._batched:
-            covered = torch.stack([mask_grid(a.mask, tokens, latent_hw) for a in adapters]).amax(0)[:, 0] > 0
-            rows = covered.nonzero()[:, 0].to(device)
+            grids = self._batched[("factor", group, tokens, latent_hw, device, dtype)]  # [A, tokens, 1]
+            rows = (grids.amax(0)[:, 0] > 0).nonzero()[:, 0]
             self._batched[key] = rows if len(rows) <= MASKED_ROWS_MAX_SHARE * tokens else None
         return self._batched[key]
 
