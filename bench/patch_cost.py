@@ -8,6 +8,12 @@ image projection on every forward). Both are timed here on the real layer shapes
 percent that whole-step timings on a shared machine cannot (see bench.step_overhead); the overhead is then
 given over the bare UNet step's CPU time, measured in the same run.
 
+With ``--image-only`` every implementation's text attention returns a result computed beforehand (the host's
+own, per layer), so a sweep times only what the adapter adds and each figure is one timing, not the
+difference of two: steadier where the plain attention is large (512 px). The plain attention is the same call
+in the patched and the bare layer (both packs pass the host's attention the same q, k, v), so the two ways
+measure the same cost.
+
 - ours: the attn2 replacement our EMBEDS apply path registers on the full SD1.5 host model;
 - ComfyUI_IPAdapter_plus (``--cubiq DIR``): the replacement its IPAdapterEmbeds node registers on the same
   model, file and CLIP outputs (it keys the middle block ("middle", 1), which the host never looks up: that
@@ -17,7 +23,7 @@ given over the bare UNet step's CPU time, measured in the same run.
 - FLOP floor: the image attention's arithmetic over the bare step's FLOPs (bench.step_overhead).
 
     .venv/bin/python -m bench.patch_cost --size 256 --cubiq /tmp/cubiq_pack
-    .venv/bin/python -m bench.patch_cost --size 512 --cubiq /tmp/cubiq_pack
+    .venv/bin/python -m bench.patch_cost --size 512 --cubiq /tmp/cubiq_pack --image-only
 """
 from __future__ import annotations
 
@@ -52,20 +58,46 @@ def layer_inputs(model, size: int):
     return inputs
 
 
-def host_sweeps(model, impl: harness.Implementations, inputs, implementations, mask) -> dict:
-    """name -> a function running every layer's attention once, as the host would (bare or patched)."""
+def text_given(inputs):
+    """The host's attention, except that for a layer's own text K/V it returns that layer's plain attention
+    result, computed here once: what a patch adds on top of it is then all that runs."""
+    from comfy.ldm.modules.attention import optimized_attention
+    given = {(q.data_ptr(), k.data_ptr()): optimized_attention(q, k, v, options["n_heads"])
+             for _, options, q, k, v in inputs}
+
+    def attention(q, k, v, heads, **options):
+        result = given.get((q.data_ptr(), k.data_ptr()))
+        if result is None:
+            return optimized_attention(q, k, v, heads, **options)
+        attention.given += 1
+        return result
+    attention.given = 0
+    return attention
+
+
+def host_sweeps(model, impl: harness.Implementations, inputs, implementations, mask, image_only: bool) -> dict:
+    """name -> a function running every layer's attention once, as the host would (bare or patched); with
+    ``image_only``, no bare sweep, and the patched layers' text attention is given (``text_given``)."""
     from comfy.ldm.modules.attention import optimized_attention
 
     def bare():
         for _, options, q, k, v in inputs:
             optimized_attention(q, k, v, options["n_heads"])
 
-    sweeps = {"bare": bare}
+    sweeps = {} if image_only else {"bare": bare}
+    attention = text_given(inputs) if image_only else optimized_attention
     for implementation in implementations:
         for label, kinds, masked in VARIANTS:
             patched = impl.stack(implementation, model, kinds, **({"attn_mask": mask} if masked else {}))
             replaces = patched.model_options["transformer_options"]["patches_replace"]["attn2"]
             calls = [(replaces.get(key, replaces.get(key[:2])), options, q, k, v) for key, options, q, k, v in inputs]
+            if image_only:
+                calls = [call for call in calls if call[0] is not None]  # a layer left unpatched adds nothing
+                for patch, *_ in calls:
+                    if implementation == "ours":
+                        patch.attention = attention
+                    else:  # its text and image attention calls look the host's function up in its module
+                        sys.modules[type(patch).__module__].optimized_attention = attention
 
             def sweep(calls=calls):
                 for patch, options, q, k, v in calls:
@@ -73,6 +105,13 @@ def host_sweeps(model, impl: harness.Implementations, inputs, implementations, m
                         optimized_attention(q, k, v, options["n_heads"])
                     else:
                         patch(q, k, v, dict(options))
+            if image_only:  # every patched layer must have taken its text attention as given
+                given = attention.given
+                with torch.no_grad():
+                    sweep()
+                if attention.given - given != len(calls):
+                    raise RuntimeError(f"--image-only: {implementation}: {label} computed its own text attention "
+                                       f"({attention.given - given} of {len(calls)} layers took it as given)")
             sweeps[f"{implementation}: {label}"] = sweep
     return sweeps
 
@@ -148,6 +187,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--cubiq", type=Path, help="an unpacked ComfyUI_IPAdapter_plus folder to compare with")
     parser.add_argument("--only", choices=("host", "diffusers"),
                         help="only the host's patches (ours, cubiq) or only diffusers' processors (less memory)")
+    parser.add_argument("--image-only", action="store_true",
+                        help="time only what the patches add: their text attention is given (see above)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: see bench.step_overhead)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
@@ -177,33 +218,42 @@ def main(argv: list[str]) -> int:
     impl = harness.Implementations()
     inputs = layer_inputs(model, args.size)
     implementations = [] if args.only == "diffusers" else ["ours"] + (["cubiq"] if args.cubiq else [])
-    sweeps = host_sweeps(model, impl, inputs, implementations, half_mask(args.size))
+    sweeps = host_sweeps(model, impl, inputs, implementations, half_mask(args.size), args.image_only)
     if args.only != "host":
         sweeps.update(diffusers_sweeps(impl, inputs, args.size))
     times = interleave(sweeps, args.rounds)
 
-    rows = {}
+    rows, added = {}, {}
     for name, values in times.items():
         if "bare" in name:
             continue
         implementation, label = name.split(": ", 1)
-        bare = times["diffusers bare" if implementation == "diffusers" else "bare"]
-        added = [v - b for v, b in zip(values, bare)]
-        q = harness.summary(added)
+        bare = times.get("diffusers bare" if implementation == "diffusers" else "bare", [0.0] * len(values))
+        added[name] = [v - b for v, b in zip(values, bare)]  # image-only sweeps: the time itself
+        q = harness.summary(added[name])
         rows[name] = {"added_ms": {k: (v * 1e3 if k != "n" else v) for k, v in q.items()},
                       "overhead_pct": 100 * q["median"] / step_s, "overhead_pct_q1": 100 * q["q1"] / step_s,
                       "overhead_pct_q3": 100 * q["q3"] / step_s}
+    for name, row in rows.items():  # ours over the other pack, round by round (the rounds are interleaved)
+        theirs = added.get(name.replace("ours: ", "cubiq: ", 1)) if name.startswith("ours: ") else None
+        if theirs:
+            row["vs_cubiq"] = harness.summary([a / b for a, b in zip(added[name], theirs)])
     floors = {label: 100 * added_flops(args.size, kinds) / flops for label, kinds, _ in VARIANTS}
     result = {"size": args.size, "rounds": args.rounds, "bare_step_cpu_s": step_s, "bare_step_cpu_s_all": bare_step,
               "bare_flops": flops, "flop_floor_pct": floors, "variants": rows,
-              "bare_layers_ms": 1e3 * statistics.median(times["bare"]), "machine": harness.machine(),
+              "image_only": args.image_only, "machine": harness.machine(),
               "wall_s": round(time.time() - started), "peak_rss_mb": round(harness.peak_rss_mb()),
               "command": "python -m bench.patch_cost " + " ".join(argv)}
-    print(f"bare UNet step {step_s:.2f} s CPU at {args.size} px; bare cross-attention {result['bare_layers_ms']:.1f} ms")
+    if "bare" in times:
+        result["bare_layers_ms"] = 1e3 * statistics.median(times["bare"])
+        print(f"bare cross-attention {result['bare_layers_ms']:.1f} ms")
+    print(f"bare UNet step {step_s:.2f} s CPU at {args.size} px")
     for name, row in rows.items():
         label = name.split(": ", 1)[1]
+        ratio = row.get("vs_cubiq")
         print(f"{name:32s} +{row['added_ms']['median']:8.1f} ms  = {row['overhead_pct']:+6.2f} % "
-              f"[{row['overhead_pct_q1']:+.2f}, {row['overhead_pct_q3']:+.2f}]   FLOP floor {floors[label]:+.3f} %")
+              f"[{row['overhead_pct_q1']:+.2f}, {row['overhead_pct_q3']:+.2f}]   FLOP floor {floors[label]:+.3f} %"
+              + (f"   vs cubiq {ratio['median']:.2f} [{ratio['q1']:.2f}, {ratio['q3']:.2f}]" if ratio else ""))
     harness.write_result(args.out, result)
     return 0
 

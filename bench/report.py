@@ -25,28 +25,33 @@ def _ratio(row: dict | None, key: str = "ratio") -> str:
     return f"{(r['median'] - 1) * 100:+.1f} % [{(r['min'] - 1) * 100:+.1f}, {(r['max'] - 1) * 100:+.1f}]"
 
 
-def patch_cost_section(size: int) -> tuple[list[str], dict]:
-    """Per-step overhead from the patch cost on the real layer shapes (bench.patch_cost)."""
-    result = _read(f"patch_cost_{size}.json")
+def patch_cost_section(size: int, suffix: str = "") -> tuple[list[str], dict]:
+    """Per-step overhead from the patch cost on the real layer shapes (bench.patch_cost), with ours over
+    ComfyUI_IPAdapter_plus round by round (median [quartiles]) where the run has both."""
+    result = _read(f"patch_cost_{size}{suffix}.json")
     if result is None:
         return [], {}
-    runs = [result] + [r for r in [_read(f"patch_cost_{size}_diffusers.json")] if r]
+    runs = [result] + [r for r in [_read(f"patch_cost_{size}{suffix}_diffusers.json")] if r]
     for extra in runs[1:]:  # diffusers measured in a run of its own (over its own bare step)
         result = dict(result, variants={**result["variants"], **extra["variants"]})
     lines = [f"Bare UNet step {run['bare_step_cpu_s']:.2f} s CPU (batch 2, latent {size // 8}²); {run['rounds']} "
              f"interleaved rounds; {run['machine']}; `{run['command']}`" for run in runs]
     lines = ["; ".join(lines), "",
-             "| adapters | ours | ComfyUI_IPAdapter_plus | diffusers | FLOP floor |", "|---|---|---|---|---|"]
+             "| adapters | ours | ComfyUI_IPAdapter_plus | ours / theirs | diffusers | FLOP floor |",
+             "|---|---|---|---|---|---|"]
     plotted = {}
     for label, floor in result["flop_floor_pct"].items():
         cells, plotted[label] = [], {"FLOP floor": floor}
         for impl in IMPLEMENTATIONS:
             row = result["variants"].get(f"{impl}: {label}")
             if row is None:
-                cells.append("–")
+                cells += ["–", "–"] if impl == "cubiq" else ["–"]
                 continue
             cells.append(f"{row['overhead_pct']:+.2f} % ({row['added_ms']['median']:.0f} ms)")
             plotted[label][impl] = row["overhead_pct"]
+            if impl == "cubiq":
+                ratio = result["variants"][f"ours: {label}"].get("vs_cubiq")
+                cells.append("–" if ratio is None else f"{ratio['median']:.2f} [{ratio['q1']:.2f}, {ratio['q3']:.2f}]")
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {floor:+.3f} % |")
     return lines + [""], plotted
 
@@ -169,10 +174,14 @@ def main(argv: list[str]) -> int:
              " process (wall time on a shared machine also counts other jobs' time slices).", ""]
     plotted = {}
     for size in (256, 512):
-        section, numbers = patch_cost_section(size)
+        section, _ = patch_cost_section(size, "_image_only")
         if section:
-            lines += [f"## Per-step overhead at {size} px (patch cost on the 16 layers' shapes over the bare step)", ""]
-            lines += section
+            lines += [f"## Per-step overhead at {size} px: the image term alone on the 16 layers' shapes "
+                      "(`--image-only`), over the bare step", ""] + section
+        section, numbers = patch_cost_section(size)
+        if section:  # plotted: these runs also have diffusers
+            lines += [f"## Per-step overhead at {size} px: patched minus plain attention on the 16 layers' shapes, "
+                      "over the bare step", ""] + section
             plotted.update({f"{label}, {size} px": v for label, v in numbers.items()})
     for size, set_name in ((256, "types"), (256, "stacks"), (512, "types-512")):
         section = end_to_end_section(size, set_name)
