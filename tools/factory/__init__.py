@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -131,7 +130,3 @@ def stand_in(folder: str, real_name: str) -> str | None:
     files = {m.name.split("/", 1)[1]: m for m in CATALOGUE.values() if m.name.startswith(folder + "/")}
     stand_ins = [file_name for file_name, model in files.items() if real_name in model.stands_for]
     return stand_ins[0] if stand_ins else (real_name if real_name in files else None)
-
-
-if __name__ == "__main__":
-    print(ensure(*(sys.argv[1:] or LIGHT_SET)))
