@@ -1,10 +1,11 @@
 """The real ComfyUI frontend (served by the headless host, in Debian's Chromium driven by Playwright) opens
 every UI workflow as a user dropping the file would, finds every node and link, writes the same prompt as
-the API twin, queues it from its Run button and shows the result image. Screenshots go to
-workflows/screenshots/ for the README."""
+the API twin, queues it from its Run button and shows the result image. Screenshots go to the test's temporary
+folder, or with UPDATE_SCREENSHOTS=1 to workflows/screenshots/ for the README (a run leaves the tree as it was)."""
 from __future__ import annotations
 
 import json
+import os
 import urllib.request
 from pathlib import Path
 
@@ -128,11 +129,11 @@ def fit_view(page) -> None:
     page.wait_for_timeout(300)
 
 
-def save_screenshot(page, name: str) -> Path:
-    """Fit the graph to the window, and keep a small PNG of it."""
+def save_screenshot(page, name: str, folder: Path) -> Path:
+    """Fit the graph to the window, and keep a small PNG of it in ``folder``."""
     fit_view(page)
-    SCREENSHOTS.mkdir(exist_ok=True)
-    target = SCREENSHOTS / f"{Path(name).stem}.png"
+    folder.mkdir(exist_ok=True)
+    target = folder / f"{Path(name).stem}.png"
     raw = target.with_suffix(".raw.png")
     page.screenshot(path=str(raw))
     with Image.open(raw) as image:
@@ -143,7 +144,7 @@ def save_screenshot(page, name: str) -> Path:
 
 
 @pytest.mark.parametrize("name", [workflow_param(p.name) for p in UI_FILES])
-def test_frontend_opens_queues_and_shows_the_workflow(server, page, need_models, name):
+def test_frontend_opens_queues_and_shows_the_workflow(server, page, need_models, name, tmp_path):
     path = WORKFLOWS / name
     graph = json.loads(path.read_text())
     api = json.loads((WORKFLOWS / "api" / name).read_text())
@@ -178,4 +179,5 @@ def test_frontend_opens_queues_and_shows_the_workflow(server, page, need_models,
     for node_id in save_ids:
         assert page.evaluate(SHOWN_IMAGES, node_id) == expected
     assert missing_node_dialogs(page) == 0
-    assert save_screenshot(page, name).stat().st_size < 400_000
+    folder = SCREENSHOTS if os.environ.get("UPDATE_SCREENSHOTS") == "1" else tmp_path
+    assert save_screenshot(page, name, folder).stat().st_size < 400_000
