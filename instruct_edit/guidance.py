@@ -106,6 +106,11 @@ class EditGuidance:
         if self.interval[0] < self.interval[1]:
             raise ValueError(f"interval: (high, low) = {self.interval} has high below low")
 
+    @property
+    def constant(self) -> bool:
+        """The same (s_T, s_I) at every σ: a constant schedule, and an interval that holds every σ ≥ 0."""
+        return self.schedule == "constant" and self.interval[0] == math.inf and self.interval[1] <= 0
+
     def scales(self, sigma: float, sigmas: Sequence[float] | None) -> tuple[float, float]:
         """(s_T, s_I) at ``sigma`` of the schedule ``sigmas``; s_I is 1 outside the interval."""
         progress = 0.0 if sigmas is None or self.schedule == "constant" else schedule_progress(sigma, sigmas)

@@ -111,7 +111,10 @@ class EditGuider(comfy.samplers.CFGGuider):
         self.inner_set_conds({"positive": positive, "image": image_only, "negative": negative})
 
     def predict_noise(self, x, timestep, model_options={}, seed=None):
-        text_scale, image_scale = self.guidance.scales(float(timestep.flatten()[0]), self.step_sigmas)  # one read
+        if self.guidance.constant:  # no need to read σ back from the device
+            text_scale, image_scale = self.guidance.text_scale, self.guidance.image_scale
+        else:
+            text_scale, image_scale = self.guidance.scales(float(timestep.flatten()[0]), self.step_sigmas)  # one read
         skip_null = math.isclose(image_scale, 1.0) and not model_options.get("disable_cfg1_optimization", False)
         null_cond = None if skip_null else self.conds.get("negative")
         conds = [null_cond, self.conds.get("image"), self.conds.get("positive")]
@@ -216,9 +219,9 @@ class InstructEditGuider(io.ComfyNode):
             raise ValueError(f"image_guidance_start ({image_guidance_start}) is after image_guidance_end "
                              f"({image_guidance_end})")
         sampling = model.get_model_object("model_sampling")
-        guidance = EditGuidance(text_scale, image_scale, schedule, text_scale_end, image_scale_end,
-                                (float(sampling.percent_to_sigma(image_guidance_start)),
-                                 float(sampling.percent_to_sigma(image_guidance_end))), rescale)
+        interval = (math.inf if image_guidance_start <= 0 else float(sampling.percent_to_sigma(image_guidance_start)),
+                    0.0 if image_guidance_end >= 1 else float(sampling.percent_to_sigma(image_guidance_end)))
+        guidance = EditGuidance(text_scale, image_scale, schedule, text_scale_end, image_scale_end, interval, rescale)
         guider = EditGuider(model, guidance)
         guider.set_conds(positive, image_only, negative)
         return io.NodeOutput(guider)

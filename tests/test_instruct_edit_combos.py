@@ -5,7 +5,7 @@
 - a diffusers-format edit UNet (HQ-Edit layout) loads and equals diffusers' UNet2DConditionModel;
 - ControlNet applied before the edit conditioning reaches all three conditionings, which still batch in one call;
 - this pack's IP-Adapter on an edit model equals diffusers' InstructPix2Pix pipeline with the same adapter;
-- the guider reads σ from the device once per step.
+- the guider reads σ from the device once per step, and not at all when its scales are constant.
 """
 from __future__ import annotations
 
@@ -204,3 +204,6 @@ def test_the_guider_reads_sigma_once_per_step(host, edit):
     ours = our_guider(host, edit.model, c, text_scale=7.0, image_scale=1.8, schedule="linear", text_scale_end=4.0,
                       image_scale_end=1.2, image_guidance_end=0.7, rescale=0.5)
     assert host_reads(ours) - host_reads(dual_cfg_guider(edit.model, c, 7.0, 1.8)) <= 3
+    # constant scales over the whole schedule (the defaults): nothing to read, so no more than DualCFGGuider
+    constant = our_guider(host, edit.model, c, text_scale=7.0, image_scale=1.8)
+    assert host_reads(constant) <= host_reads(dual_cfg_guider(edit.model, c, 7.0, 1.8))

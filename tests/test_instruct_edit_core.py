@@ -96,6 +96,10 @@ def test_edit_guidance_schedule_and_interval():
         EditGuidance(8.0, 2.0, interval=(1.0, 2.0))
     with pytest.raises(ValueError, match="schedule: 'steps' is not one of"):
         EditGuidance(8.0, 2.0, "steps")
+    # constant: the guider then skips reading sigma back, so the scales must be the same at every sigma
+    assert constant.constant and all(constant.scales(s, sigmas) == (8.0, 2.0) for s in (1e9, 10.0, 0.5, 0.0))
+    assert not linear.constant and not interval.constant
+    assert not EditGuidance(8.0, 2.0, interval=(float("inf"), 0.5)).constant
 
 
 def test_conditioning_latent_policy_and_null_image():
