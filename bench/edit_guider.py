@@ -1,4 +1,4 @@
-"""Instruction edit: our InstructEditGuider against the host's DualCFGGuider on the same edit model, CPU step time.
+"""Instruction edit: our InstructEditGuider against the host's DualCFGGuider on the same edit model, step time.
 
 Both guide with a text scale 7.5 and an image scale 1.5 over the same three conditionings (text + image,
 null text + image, null text + zero image), each a batch-3 UNet call per step. With a guidance interval
@@ -12,6 +12,12 @@ timed, in CPU time of this process and in wall time (see bench.step_overhead); g
 
 ``tiny`` is the factory's tiny_sd15_ip2p.ckpt (26 M UNet: the guider's own work weighs most there);
 ``full`` builds the full SD1.5 topology with 8 input channels in memory (random weights, not written).
+
+``--device`` runs on the device the host picks, as ``main.py`` would (a GPU, the UNet in fp16; the CPU where
+there is no accelerator): the device is synchronized before each timestamp, and the torch profiler adds
+kernels, host syncs and GPU busy time per step (bench.gpu_step's counts):
+
+    python -m bench.edit_guider --unet full --size 512 --rounds 20 --device
 """
 from __future__ import annotations
 
@@ -22,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from bench import harness
+from bench import gpu_step, harness
 from bench.step_overhead import ratios, run_rounds
 
 TEXT_SCALE, IMAGE_SCALE = 7.5, 1.5
@@ -69,17 +75,19 @@ def guiders(model, side: int):
             "host CFGGuider (2 conds)": two_way}
 
 
-def main(argv: list[str]) -> int:
+def main(argv: list[str]) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--unet", choices=("tiny", "full"), default="tiny")
     parser.add_argument("--size", type=int, default=256, help="image side in pixels")
     parser.add_argument("--rounds", type=int, default=8)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: see bench.step_overhead)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads on the CPU (1: see bench.step_overhead)")
+    parser.add_argument("--device", action="store_true", help="on the device the host picks (a GPU), with its counts")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    if not args.device:
+        torch.set_num_threads(args.threads)
     started = time.time()
-    harness.start_host()
+    harness.start_host(cpu=not (args.device and torch.accelerator.is_available()))
     import comfy.samplers
     model = edit_model(args.unet)
     side = args.size // 8
@@ -88,23 +96,40 @@ def main(argv: list[str]) -> int:
     sampler = comfy.samplers.sampler_object("euler")
     noise = torch.randn(1, 4, side, side, generator=torch.Generator().manual_seed(1))
 
+    synchronize = gpu_step.device_synchronizer()
+
+    def visit(name: str, callback=None) -> None:
+        variants[name].sample(noise, torch.zeros_like(noise), sampler, sigmas, seed=0, disable_pbar=True,
+                              callback=callback)
+
     def step(name: str) -> tuple[float, float]:
         stamps = []
-        variants[name].sample(noise, torch.zeros_like(noise), sampler, sigmas, seed=0, disable_pbar=True,
-                              callback=lambda *_: stamps.append((time.perf_counter(), time.process_time())))
+
+        def stamp(*_):
+            synchronize()
+            stamps.append((time.perf_counter(), time.process_time()))
+        visit(name, stamp)
         return stamps[1][0] - stamps[0][0], stamps[1][1] - stamps[0][1]
 
     times = run_rounds(variants, args.rounds, step)
     result = {"unet": args.unet, "size": args.size, "rounds": args.rounds, "variants": ratios(times, "host DualCFGGuider"),
-              "machine": harness.machine(), "wall_s": round(time.time() - started),
-              "command": "python -m bench.edit_guider " + " ".join(argv)}
+              "machine": gpu_step.device_name() if args.device else harness.machine(),
+              "dtype": str(model.model.get_dtype()), "command": "python -m bench.edit_guider " + " ".join(argv)}
+    if args.device:  # the profiler sees the two euler steps of one visit
+        steps = len(sigmas) - 1
+        for name, row in result["variants"].items():
+            row.update({key: value / steps for key, value in gpu_step.profile_step(lambda name=name: visit(name)).items()})
+    result["wall_s"] = round(time.time() - started)
     for name, row in result["variants"].items():
         r, w = row["ratio"], row["wall_ratio"]
+        counts = (f"   {row['kernels']:.0f} kernels, {row['syncs']:.0f} syncs, GPU busy {row['gpu_busy_ms']:.2f} ms"
+                  if args.device else "")
         print(f"{name:40s} CPU {row['seconds']['median']:7.3f} s  x{r['median']:.3f} [{r['min']:.3f}, {r['max']:.3f}]"
-              f"   wall {row['wall_seconds']['median']:7.3f} s  x{w['median']:.3f} [{w['min']:.3f}, {w['max']:.3f}]")
+              f"   wall {row['wall_seconds']['median']:7.3f} s  x{w['median']:.3f} [{w['min']:.3f}, {w['max']:.3f}]"
+              + counts)
     harness.write_result(args.out, result)
-    return 0
+    return result
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    main(sys.argv[1:])

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from bench import harness
-from bench.dispatch_budget import SYNC_OPS, lowest_computing
+from bench.dispatch_budget import SYNC_OPS, lowest_computing, patched_layers
 
 MODELS = {  # checkpoint, text width, adapter kind -> file
     "tiny": ("checkpoints/tiny_sd15.ckpt", 768, {"base": "ipadapter/tiny_ip-adapter_sd15.bin",
@@ -39,6 +39,19 @@ MODELS = {  # checkpoint, text width, adapter kind -> file
 STACKS = {"base": ["base"], "plus": ["plus"], "full-face": ["full-face"], "plus x4": ["plus"] * 4}
 CUDA_SYNCS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
 PROFILED_STEPS = 2  # the profiler sees one sampler run of this many steps; its counts are divided by it
+
+
+def device_synchronizer():
+    """What waits for the host's device to finish its queued work (nothing to wait for on the CPU)."""
+    import comfy.model_management
+    return torch.cuda.synchronize if comfy.model_management.get_torch_device().type == "cuda" else (lambda: None)
+
+
+def device_name() -> str:
+    """The host's device, as absolute times are labelled: the GPU's name, or the CPU's description."""
+    import comfy.model_management
+    device = comfy.model_management.get_torch_device()
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else harness.machine()
 
 
 def profile_step(run) -> dict:
@@ -68,7 +81,6 @@ def main(argv: list[str]) -> dict:
     args = parser.parse_args(argv)
     started = time.time()
     harness.start_host(args.cubiq, cpu=args.cpu)
-    import comfy.model_management
     import comfy.samplers
     checkpoint, text_width, files = MODELS[args.model]
     model = harness.load_unet(checkpoint)
@@ -79,8 +91,7 @@ def main(argv: list[str]) -> dict:
             if all(kind in files for kind in kinds):
                 variants[f"{implementation}: {label}"] = impl.stack(implementation, model, kinds)
 
-    device = comfy.model_management.get_torch_device()
-    synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    synchronize = device_synchronizer()
     g = torch.Generator().manual_seed(0)
     positive, negative = ([[torch.randn(1, 77, text_width, generator=g),
                             {"pooled_output": torch.randn(1, 1280, generator=g)}]] for _ in range(2))
@@ -117,14 +128,14 @@ def main(argv: list[str]) -> dict:
     for name in names:
         wall, own, bare = harness.summary(walls[name]), per_step[name], per_step["bare"]
         rows[name] = {"wall_ms": {k: (v * 1e3 if k != "n" else v) for k, v in wall.items()},
-                      "wall_added_pct": 100 * (wall["median"] / bare_wall - 1), **own}
+                      "wall_added_pct": 100 * (wall["median"] / bare_wall - 1),
+                      "patched_layers": patched_layers(variants[name]), **own}
         print(f"{name:24s} {wall['median'] * 1e3:8.2f} ms/step ({rows[name]['wall_added_pct']:+6.1f} %), "
               f"{own['kernels']:6.0f} kernels (+{own['kernels'] - bare['kernels']:.0f}), "
               f"{own['syncs']:4.0f} syncs (+{own['syncs'] - bare['syncs']:.0f}), "
               f"GPU busy {own['gpu_busy_ms']:7.2f} ms, {own['operators']:6.0f} operators", flush=True)
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else harness.machine()
     result = {"model": args.model, "size": args.size, "steps": args.steps, "rounds": args.rounds,
-              "device": device_name, "dtype": str(model.model.get_dtype()), "variants": rows,
+              "device": device_name(), "dtype": str(model.model.get_dtype()), "variants": rows,
               "wall_s": round(time.time() - started), "command": "python -m bench.gpu_step " + " ".join(argv)}
     harness.write_result(args.out, result)
     return result

@@ -8,6 +8,8 @@ import json
 import sys
 from pathlib import Path
 
+from bench import device
+
 RESULTS = Path(__file__).resolve().parent / "results"
 IMPLEMENTATIONS = ("ours", "cubiq", "diffusers")
 NAMES = {"ours": "ours", "cubiq": "ComfyUI_IPAdapter_plus", "diffusers": "diffusers"}
@@ -126,6 +128,59 @@ def edit_section() -> list[str]:
     return lines
 
 
+def _percent_added(value: float, bare: float) -> str:
+    return f"{100 * (value / bare - 1):+.2f} %" if bare else "–"
+
+
+def gpu_step_lines(result: dict) -> list[str]:
+    """Whole sampler steps on a GPU (bench.gpu_step): wall, kernels, host syncs and GPU busy time per step."""
+    variants = result["variants"]
+    bare = variants["bare"]
+    lines = [f"{result['model']} {result['size']} px, {result['device']}, {result['dtype']}, {result['rounds']} rounds "
+             f"of {result['steps']} steps; `{result['command']}`. Bare step: {bare['wall_ms']['median']:.1f} ms wall, "
+             f"{bare['kernels']:.0f} kernels, {bare['syncs']:.0f} host syncs, GPU busy {bare['gpu_busy_ms']:.2f} ms.",
+             "", "| variant | wall ms/step [quartiles] | wall added | ours / theirs (wall added) | kernels added "
+             "per patched layer per adapter | host syncs added | GPU busy added |", "|---|---|---|---|---|---|---|"]
+    for name, row in variants.items():
+        if name == "bare":
+            continue
+        implementation, label = name.split(": ", 1)
+        adapters = int(label.split(" x")[1]) if " x" in label else 1
+        theirs = variants.get(f"cubiq: {label}")
+        ratio = (f"{row['wall_added_pct'] / theirs['wall_added_pct']:.2f}"
+                 if implementation == "ours" and theirs and theirs["wall_added_pct"] > 0 else "–")
+        w = row["wall_ms"]
+        lines.append(f"| {NAMES[implementation]}: {label} | {w['median']:.1f} [{w['q1']:.1f}, {w['q3']:.1f}] "
+                     f"| {row['wall_added_pct']:+.1f} % | {ratio} "
+                     f"| {(row['kernels'] - bare['kernels']) / row['patched_layers'] / adapters:.2f} "
+                     f"({row['patched_layers']} layers) | {row['syncs'] - bare['syncs']:+.0f} "
+                     f"| {_percent_added(row['gpu_busy_ms'], bare['gpu_busy_ms'])} |")
+    return lines + [""]
+
+
+def edit_device_lines(result: dict) -> list[str]:
+    """The edit guiders on a GPU (bench.edit_guider --device): wall, kernels and GPU busy time per step."""
+    lines = [f"Instruction edit, {result['unet']} SD1.5 edit UNet, {result['size']} px, {result['machine']}, "
+             f"{result['dtype']}, {result['rounds']} rounds; `{result['command']}`", "",
+             "| guider | wall ms/step | vs DualCFGGuider (wall) | kernels per step | host syncs per step "
+             "| GPU busy ms per step |", "|---|---|---|---|---|---|"]
+    for name, row in result["variants"].items():
+        r = row["wall_ratio"]
+        lines.append(f"| {name} | {row['wall_seconds']['median'] * 1e3:.1f} | ×{r['median']:.3f} [{r['min']:.3f}, "
+                     f"{r['max']:.3f}] | {row['kernels']:.0f} | {row['syncs']:.0f} | {row['gpu_busy_ms']:.2f} |")
+    return lines + [""]
+
+
+def gpu_section() -> list[str]:
+    """What a device run (bench.device) brought back, in its order."""
+    lines = []
+    for name, module, *_ in device.RUNS:
+        result = _read(name)
+        if result is not None:
+            lines += (gpu_step_lines if module == "bench.gpu_step" else edit_device_lines)(result)
+    return lines
+
+
 def load_section() -> list[str]:
     result = _read("load_encode.json")
     if result is None:
@@ -191,6 +246,9 @@ def main(argv: list[str]) -> int:
     lines += ["## Dispatch budget (torch profiler, full SD1.5 UNet, one batch-2 call, the GPU's forms)", ""]
     lines += dispatch_section()
     lines += ["## Instruction edit guider", ""] + edit_section()
+    gpu = gpu_section()
+    if gpu:
+        lines += ["## On a GPU: whole sampler steps (bench.gpu_step, bench.edit_guider --device)", ""] + gpu
     lines += ["## Adapter load and CLIP-vision encode", ""] + load_section()
     (RESULTS / "speed.md").write_text("\n".join(lines))
     dispatch = []

@@ -41,16 +41,39 @@ def test_with_sdpa_one_adapter_adds_at_most_three_operators_per_layer(tmp_path):
     assert one["ops_per_layer_per_adapter"] <= 3
 
 
-def test_whole_sampler_steps_add_no_host_syncs_and_the_gpu_bench_runs(host, need_models):
+def test_whole_sampler_steps_add_no_host_syncs_and_the_gpu_bench_runs(host, need_models, tmp_path, monkeypatch):
     """bench.gpu_step on the CPU with the tiny UNet: every variant through the host's sampler; ours adds
-    operators but no host syncs per step, whatever the adapter."""
-    from bench import gpu_step
+    operators but no host syncs per step, whatever the adapter, on each of the 4 layers; bench.report
+    makes a table row of each variant."""
+    from bench import gpu_step, report
     need_models("checkpoints/tiny_sd15.ckpt", *gpu_step.MODELS["tiny"][2].values())
-    result = gpu_step.main(["--model", "tiny", "--size", "64", "--steps", "3", "--rounds", "1", "--cpu"])
+    out = tmp_path / "gpu_step_sd15_512.json"  # the name a device run gives it (bench.device.RUNS)
+    result = gpu_step.main(["--model", "tiny", "--size", "64", "--steps", "3", "--rounds", "1", "--cpu", "--out", str(out)])
     rows = result["variants"]
     assert set(rows) == {"bare", "ours: base", "ours: plus", "ours: full-face", "ours: plus x4"}
     for name, row in rows.items():
         assert row["wall_ms"]["n"] == 2 and row["wall_ms"]["median"] > 0  # 3 steps timed, the first dropped
+        assert row["patched_layers"] == (0 if name == "bare" else 4)
         if name != "bare":
             assert row["syncs"] == rows["bare"]["syncs"]
             assert row["operators"] > rows["bare"]["operators"]
+    monkeypatch.setattr(report, "RESULTS", tmp_path)
+    table = [line for line in report.gpu_section() if line.startswith("| ours: ")]
+    assert [line.split(" | ")[0] for line in table] == [f"| {name}" for name in rows if name != "bare"]
+    assert all("(4 layers) | +0 |" in line for line in table)  # patched layers, host syncs added
+
+
+def test_the_edit_guider_bench_counts_each_guider_on_the_host_device(host, need_models):
+    """bench.edit_guider --device (here the CPU, the host's device without an accelerator): every guider
+    steps, profiled; ours with constant scales reads back from the device no more often than the host's
+    DualCFGGuider, and with a guidance interval once more per step (σ, to decide on the null branch)."""
+    from bench import edit_guider
+    need_models("checkpoints/tiny_sd15_ip2p.ckpt")
+    result = edit_guider.main(["--unet", "tiny", "--size", "64", "--rounds", "1", "--device"])
+    rows = result["variants"]
+    assert set(rows) == {"host DualCFGGuider", "ours", "ours, interval 0-0.3, step outside", "host CFGGuider (2 conds)"}
+    for row in rows.values():
+        assert row["wall_seconds"]["median"] > 0 and row["operators"] > 0
+    dual = rows["host DualCFGGuider"]["syncs"]
+    assert rows["ours"]["syncs"] <= dual
+    assert rows["ours, interval 0-0.3, step outside"]["syncs"] <= dual + 1
