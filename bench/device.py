@@ -39,16 +39,15 @@ DEVICE_PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux
 # What these three need in turn (numpy, scipy, torch) is in the image.
 MISSING_ON_DEVICE = ("torchsde", "trampoline", "av")
 CUBIQ = ("--cubiq", ".device/cubiq_pack")
+TINY_STEPS = ("--model", "tiny", "--size", "64", "--steps", "3", "--rounds", "1", "--cpu", *CUBIQ)  # gpu_step's check
 RUNS = (  # result file, bench module, its arguments there, its arguments for --check
     ("gpu_step_sd15_512.json", "bench.gpu_step", ("--model", "sd15", "--size", "512", "--steps", "30", "--rounds", "5",
-                                                 *CUBIQ),
-     ("--model", "tiny", "--size", "64", "--steps", "3", "--rounds", "1", "--cpu", *CUBIQ)),
+                                                 *CUBIQ), TINY_STEPS),
     ("edit_guider_full_512_gpu.json", "bench.edit_guider", ("--unet", "full", "--size", "512", "--rounds", "20",
                                                             "--device"),
      ("--unet", "tiny", "--size", "64", "--rounds", "1", "--device")),
     ("gpu_step_sdxl_1024.json", "bench.gpu_step", ("--model", "sdxl", "--size", "1024", "--steps", "20", "--rounds",
-                                                  "3", *CUBIQ),
-     ("--model", "tiny", "--size", "64", "--steps", "3", "--rounds", "1", "--cpu", *CUBIQ)),
+                                                  "3", *CUBIQ), TINY_STEPS),
 )
 
 
@@ -90,18 +89,20 @@ def run(out: Path, check: bool) -> int:
                PYTHONPATH=os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")])))
     failed, started = 0, time.monotonic()
     with open(out / "device_run.log", "w") as log:
+        def tell(text: str) -> None:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+            log.write(text)
+            log.flush()  # what a run cut off at its time limit had printed still comes back
+
         def step(*command: str) -> int:
-            log.write(f"$ {' '.join(command)}\n")
-            print(f"$ {' '.join(command)}", flush=True)
+            tell(f"$ {' '.join(command)}\n")
             process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
                                        stderr=subprocess.STDOUT, text=True)
             for line in process.stdout:
-                sys.stdout.write(line)
-                log.write(line)
+                tell(line)
             code = process.wait()
-            log.write(f"exit {code} at {time.monotonic() - started:.0f} s\n")
-            log.flush()
-            print(f"exit {code} at {time.monotonic() - started:.0f} s", flush=True)
+            tell(f"exit {code} at {time.monotonic() - started:.0f} s\n")
             return code
 
         python = sys.executable

@@ -85,11 +85,12 @@ def main(argv: list[str]) -> dict:
     checkpoint, text_width, files = MODELS[args.model]
     model = harness.load_unet(checkpoint)
     impl = harness.Implementations(files)
-    variants = {"bare": model}
+    variants, adapters = {"bare": model}, {"bare": 0}
     for implementation in ["ours"] + (["cubiq"] if args.cubiq else []):
         for label, kinds in STACKS.items():
             if all(kind in files for kind in kinds):
-                variants[f"{implementation}: {label}"] = impl.stack(implementation, model, kinds)
+                name = f"{implementation}: {label}"
+                variants[name], adapters[name] = impl.stack(implementation, model, kinds), len(kinds)
 
     synchronize = device_synchronizer()
     g = torch.Generator().manual_seed(0)
@@ -129,7 +130,7 @@ def main(argv: list[str]) -> dict:
         wall, own, bare = harness.summary(walls[name]), per_step[name], per_step["bare"]
         rows[name] = {"wall_ms": {k: (v * 1e3 if k != "n" else v) for k, v in wall.items()},
                       "wall_added_pct": 100 * (wall["median"] / bare_wall - 1),
-                      "patched_layers": patched_layers(variants[name]), **own}
+                      "adapters": adapters[name], "patched_layers": patched_layers(variants[name]), **own}
         print(f"{name:24s} {wall['median'] * 1e3:8.2f} ms/step ({rows[name]['wall_added_pct']:+6.1f} %), "
               f"{own['kernels']:6.0f} kernels (+{own['kernels'] - bare['kernels']:.0f}), "
               f"{own['syncs']:4.0f} syncs (+{own['syncs'] - bare['syncs']:.0f}), "

@@ -145,14 +145,13 @@ def gpu_step_lines(result: dict) -> list[str]:
         if name == "bare":
             continue
         implementation, label = name.split(": ", 1)
-        adapters = int(label.split(" x")[1]) if " x" in label else 1
         theirs = variants.get(f"cubiq: {label}")
         ratio = (f"{row['wall_added_pct'] / theirs['wall_added_pct']:.2f}"
                  if implementation == "ours" and theirs and theirs["wall_added_pct"] > 0 else "–")
         w = row["wall_ms"]
         lines.append(f"| {NAMES[implementation]}: {label} | {w['median']:.1f} [{w['q1']:.1f}, {w['q3']:.1f}] "
                      f"| {row['wall_added_pct']:+.1f} % | {ratio} "
-                     f"| {(row['kernels'] - bare['kernels']) / row['patched_layers'] / adapters:.2f} "
+                     f"| {(row['kernels'] - bare['kernels']) / row['patched_layers'] / row['adapters']:.2f} "
                      f"({row['patched_layers']} layers) | {row['syncs'] - bare['syncs']:+.0f} "
                      f"| {_percent_added(row['gpu_busy_ms'], bare['gpu_busy_ms'])} |")
     return lines + [""]

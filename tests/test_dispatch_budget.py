@@ -54,6 +54,7 @@ def test_whole_sampler_steps_add_no_host_syncs_and_the_gpu_bench_runs(host, need
     for name, row in rows.items():
         assert row["wall_ms"]["n"] == 2 and row["wall_ms"]["median"] > 0  # 3 steps timed, the first dropped
         assert row["patched_layers"] == (0 if name == "bare" else 4)
+        assert row["adapters"] == (0 if name == "bare" else 4 if name.endswith("x4") else 1)
         if name != "bare":
             assert row["syncs"] == rows["bare"]["syncs"]
             assert row["operators"] > rows["bare"]["operators"]
