@@ -1,10 +1,12 @@
-"""Reference embeddings: combining the CLIP embeddings of several images before projection, and their files.
+"""Reference embeddings: combining the CLIP embeddings of several images before projection, merging the
+CLIP outputs of an image's tiles (the enhancer), and their files.
 
 ``concat`` keeps every image (their tokens are concatenated after projection: T·n tokens); the other
 modes reduce the batch of embeddings [n, ...] to one [1, ...] and so keep T tokens.
 """
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -34,6 +36,35 @@ def combine_embeds(embeds: torch.Tensor, mode: str) -> torch.Tensor:
     if mode == "max":
         return embeds.max(dim=0, keepdim=True).values
     return embeds.min(dim=0, keepdim=True).values
+
+
+def merge_tile_embeds(tiles: torch.Tensor) -> torch.Tensor:
+    """The CLIP outputs of each image's grid x grid tiles merged into one image's: [B, g², ...] -> [B, ...].
+
+    Pooled embeds [B, g², E]: the mean over the tiles. Hidden states [B, g², 1 + s², E] (class token,
+    then an s x s patch grid): the class token is the tiles' mean; the tiles' patch grids, laid out as
+    the tiles lie in the image (a (g·s)² grid), are average-pooled over g x g blocks back to s x s, so
+    patch (p, q) covers the same place of the image as the whole image's patch (p, q)."""
+    if tiles.ndim == 3:
+        return tiles.mean(dim=1)
+    b, count, n, e = tiles.shape
+    g, s = math.isqrt(count), math.isqrt(n - 1)
+    if g * g != count or s * s != n - 1:
+        raise ValueError(f"merge_tile_embeds: expected [B, g², 1 + s², E], got shape {tuple(tiles.shape)}")
+    patches = tiles[:, :, 1:].reshape(b, g, g, s, s, e).permute(0, 1, 3, 2, 4, 5).reshape(b, g * s, g * s, e)
+    pooled = patches.reshape(b, s, g, s, g, e).mean(dim=(2, 4)).reshape(b, s * s, e)
+    return torch.cat([tiles[:, :, :1].mean(dim=1), pooled], dim=1)
+
+
+def enhance_embeds(whole: torch.Tensor, merged: torch.Tensor, ratio: float) -> torch.Tensor:
+    """The enhancer's reference embeds from the whole images' [B, ...] and their merged tiles' [B, ...]:
+    one image gives two references, [ratio · whole, tiles] ([2, ...], for combine_embeds to join); several
+    give one each, ratio · whole + (1 - ratio) · tiles."""
+    if not 0.0 <= ratio <= 1.0:
+        raise ValueError(f"enhance_ratio: expected 0 to 1, got {ratio}")
+    if whole.shape[0] == 1:
+        return torch.cat([whole * ratio, merged])
+    return torch.lerp(merged, whole, ratio)
 
 
 EMBEDS_KEY = "embeds"

@@ -2,8 +2,8 @@
 float [B, H, W, C] in 0..1.
 
 CLIP vision sees a square; these helpers decide which square: a crop at a chosen position, the whole
-image padded with CLIP's mean colour (which normalises to zero, so the padding adds nothing), or a row
-of overlapping square tiles that together cover a long image.
+image padded with CLIP's mean colour (which normalises to zero, so the padding adds nothing), a row
+of overlapping square tiles that together cover a long image, or a grid of equal tiles (the enhancer).
 """
 from __future__ import annotations
 
@@ -116,6 +116,23 @@ def tiles(image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             crops.append(image[:, start:end])
             masks[k, start:end] = 1
     return torch.stack(crops), masks
+
+
+MAX_GRID = 16  # tiles per side of the CLIP-vision enhancer
+
+
+def grid_tiles(image: torch.Tensor, grid: int) -> torch.Tensor:
+    """[B, H, W, 3] -> [B, grid², H // grid, W // grid, 3]: each image cut into a grid x grid of equal
+    tiles, row by row (a remainder of fewer than ``grid`` pixels at the bottom and right is left out)."""
+    if not 1 <= grid <= MAX_GRID:
+        raise ValueError(f"enhance_tiles: expected 1 to {MAX_GRID} tiles per side, got {grid}")
+    b, h, w, c = image.shape
+    th, tw = h // grid, w // grid
+    if min(th, tw) < 2:
+        raise ValueError(f"enhance_tiles: {grid} tiles per side of a {h}x{w} image are under 2 pixels; "
+                         f"use fewer tiles or a larger image")
+    cells = image[:, :th * grid, :tw * grid].reshape(b, grid, th, grid, tw, c)
+    return cells.permute(0, 1, 3, 2, 4, 5).reshape(b, grid * grid, th, tw, c)
 
 
 def noise_image(kind: str, strength: float, blur_radius: int, image: torch.Tensor | None,

@@ -11,7 +11,7 @@ from comfy_api.latest import io
 
 from ..ipadapter_core import prep
 from ..ipadapter_core.attention import KV_SCALINGS, AdapterSpec
-from ..ipadapter_core.embeds import COMBINE_MODES, combine_embeds
+from ..ipadapter_core.embeds import COMBINE_MODES, combine_embeds, enhance_embeds, merge_tile_embeds
 from ..ipadapter_core.loader import AdapterFile, load_adapter
 from ..ipadapter_core.projection import build_projection
 from ..ipadapter_core.variants import (ENCODER_FILE_PATTERNS, ENCODERS, PRESETS, PUBLIC_FILES, check_embeds,
@@ -97,16 +97,28 @@ def neutral_embeds(adapter: LoadedAdapter, clip_vision, like: torch.Tensor, outp
     return encode_images(adapter, clip_vision, neutral, "penultimate", encoder=encoder).expand_as(like)
 
 
-def reference_embeds(adapter: LoadedAdapter, clip_vision, image: torch.Tensor,
-                     negative: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cond and uncond CLIP embeds of reference images: the output the variant reads, and for uncond
-    the encoding of ``negative`` if given, else the neutral embeds."""
+def enhanced_embeds(adapter: LoadedAdapter, clip_vision, image: torch.Tensor, output: str, tiles: int,
+                    ratio: float) -> torch.Tensor:
+    """The CLIP-vision enhancer: each image is also encoded as a tiles x tiles grid, merged back to one
+    image's embeds (merge_tile_embeds) and joined to the whole image's (enhance_embeds)."""
+    grid = prep.grid_tiles(prep.as_rgb(image), tiles)
+    tile_embeds = encode_images(adapter, clip_vision, grid.flatten(0, 1), output).unflatten(0, grid.shape[:2])
+    return enhance_embeds(encode_images(adapter, clip_vision, image, output), merge_tile_embeds(tile_embeds), ratio)
+
+
+def reference_embeds(adapter: LoadedAdapter, clip_vision, image: torch.Tensor, negative: torch.Tensor | None = None,
+                     enhance: tuple[int, float] = (1, 1.0)) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cond and uncond CLIP embeds of reference images: the output the variant reads (with ``enhance``,
+    (tiles per side, ratio), above one tile: the enhancer's), and for uncond the encoding of ``negative``
+    if given, else the neutral embeds."""
     if adapter.file.variant.encoder_output == "face":
         raise ValueError(f"ipadapter: {adapter.file.name} is a FaceID adapter: it reads face embeddings, not "
                          f"CLIP image embeds; use Apply IP-Adapter FaceID")
     clip_vision = clip_vision_for(adapter, clip_vision)
     output = adapter.file.variant.encoder_output
-    embeds = encode_images(adapter, clip_vision, image, output)
+    tiles, ratio = enhance
+    embeds = (encode_images(adapter, clip_vision, image, output) if tiles == 1
+              else enhanced_embeds(adapter, clip_vision, image, output, tiles, ratio))
     if negative is None:
         return embeds, neutral_embeds(adapter, clip_vision, embeds)
     return embeds, encode_images(adapter, clip_vision, negative, output, "image_negative")
@@ -150,9 +162,9 @@ def image_tokens(adapter: LoadedAdapter, embeds: torch.Tensor, uncond: torch.Ten
 
 
 def encode_reference(adapter: LoadedAdapter, clip_vision, image: torch.Tensor, combine: str = "concat",
-                     negative: torch.Tensor | None = None, unfold: bool = False):
-    """Cond and uncond image tokens of reference images (see image_tokens)."""
-    return image_tokens(adapter, *reference_embeds(adapter, clip_vision, image, negative), combine, unfold)
+                     negative: torch.Tensor | None = None, unfold: bool = False, enhance: tuple[int, float] = (1, 1.0)):
+    """Cond and uncond image tokens of reference images (see image_tokens and reference_embeds)."""
+    return image_tokens(adapter, *reference_embeds(adapter, clip_vision, image, negative, enhance), combine, unfold)
 
 
 def _weights(weight) -> tuple[float, tuple[float, ...]]:
@@ -205,11 +217,12 @@ def apply_tokens(model, adapter: LoadedAdapter, cond: torch.Tensor, uncond: torc
 
 
 def apply_adapter(model, adapter: LoadedAdapter, clip_vision, image: torch.Tensor, weight, combine: str = "concat",
-                  negative: torch.Tensor | None = None, unfold: bool = False, **options):
+                  negative: torch.Tensor | None = None, unfold: bool = False, enhance: tuple[int, float] = (1, 1.0),
+                  **options):
     """What the image apply nodes do: check the fit first (cheaper than encoding, and the deeper
     mismatch), encode the reference, and patch a clone."""
     check_fit(adapter.file, cross_attention_layers(model)[0])
-    cond, uncond = encode_reference(adapter, clip_vision, image, combine, negative, unfold)
+    cond, uncond = encode_reference(adapter, clip_vision, image, combine, negative, unfold, enhance)
     return apply_tokens(model, adapter, cond, uncond, weight, **options)
 
 
@@ -306,6 +319,17 @@ BLOCK_WEIGHTS_INPUT = io.String.Input(
             "SDXL: 0-10, middle 4); when set it replaces the weight type, and unlisted blocks get 0.")
 
 
+def advanced_inputs(*extra):
+    """The Advanced node's inputs, with ``extra`` after its weights (for the nodes that extend it)."""
+    return [*model_inputs(),
+            io.Image.Input("image", tooltip="The reference image(s)."),
+            weight_input(tooltip="Scale of the image attention (a list from Frame Weights gives one per image)."),
+            WEIGHT_TYPE_INPUT, START_INPUT, END_INPUT, COMBINE_INPUT, SCALING_INPUT,
+            io.Float.Input("composition_weight", default=1.0, min=-1.0, max=5.0, step=0.05,
+                           tooltip="Weight of the layout blocks for the style-and-composition and precise types."),
+            *extra, UNFOLD_INPUT, BLOCK_WEIGHTS_INPUT, NEGATIVE_INPUT, MASK_INPUT, CLIP_VISION_INPUT]
+
+
 class ImagePromptApplyAdvanced(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -315,26 +339,44 @@ class ImagePromptApplyAdvanced(io.ComfyNode):
             category=CATEGORY,
             description="Apply IP-Adapter with control over how several images combine, where the weight acts "
                         "(embeds scaling), the unconditional image, per-block weights, and one image per latent.",
-            inputs=[
-                *model_inputs(),
-                io.Image.Input("image", tooltip="The reference image(s)."),
-                weight_input(tooltip="Scale of the image attention (a list from Frame Weights gives one per image)."),
-                WEIGHT_TYPE_INPUT, START_INPUT, END_INPUT, COMBINE_INPUT, SCALING_INPUT,
-                io.Float.Input("composition_weight", default=1.0, min=-1.0, max=5.0, step=0.05,
-                               tooltip="Weight of the layout blocks for the style-and-composition and precise types."),
-                UNFOLD_INPUT, BLOCK_WEIGHTS_INPUT, NEGATIVE_INPUT, MASK_INPUT, CLIP_VISION_INPUT,
-            ],
+            inputs=advanced_inputs(),
             outputs=[io.Model.Output()],
         )
 
     @classmethod
     def execute(cls, model, ipadapter: LoadedAdapter, image, weight, weight_type, start_at, end_at, combine_embeds,
                 embeds_scaling, composition_weight, unfold_batch=False, layer_weights="", image_negative=None,
-                attn_mask=None, clip_vision=None) -> io.NodeOutput:
+                attn_mask=None, clip_vision=None, enhance: tuple[int, float] = (1, 1.0)) -> io.NodeOutput:
         return io.NodeOutput(apply_adapter(model, ipadapter, clip_vision, image, weight, combine_embeds,
-                                           image_negative, unfold_batch, weight_type=weight_type, start_at=start_at,
-                                           end_at=end_at, embeds_scaling=embeds_scaling, attn_mask=attn_mask,
-                                           composition_weight=composition_weight, block_weights=layer_weights))
+                                           image_negative, unfold_batch, enhance, weight_type=weight_type,
+                                           start_at=start_at, end_at=end_at, embeds_scaling=embeds_scaling,
+                                           attn_mask=attn_mask, composition_weight=composition_weight,
+                                           block_weights=layer_weights))
+
+
+class ImagePromptClipVisionEnhancer(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="ImagePromptClipVisionEnhancer",
+            display_name="Apply IP-Adapter (CLIP Vision Enhancer)",
+            category=CATEGORY,
+            description="Apply IP-Adapter (Advanced) with more of the reference's detail: CLIP vision also sees "
+                        "each image cut into a grid of tiles, whose embeds are pooled back to one image's. One "
+                        "image becomes two references, the whole (times enhance_ratio) and the tiles, joined by "
+                        "combine_embeds; each of several images is a blend of the two by enhance_ratio.",
+            inputs=advanced_inputs(
+                io.Int.Input("enhance_tiles", default=2, min=1, max=prep.MAX_GRID,
+                             tooltip="Tiles per side of the grid (1: the whole image only, as Advanced)."),
+                io.Float.Input("enhance_ratio", default=1.0, min=0.0, max=1.0, step=0.05,
+                               tooltip="Share of the whole image: one image, the whole reference's scale beside "
+                                       "the tiles; several images, the blend (1: whole only, 0: tiles only).")),
+            outputs=[io.Model.Output()],
+        )
+
+    @classmethod
+    def execute(cls, enhance_tiles, enhance_ratio, **advanced) -> io.NodeOutput:
+        return ImagePromptApplyAdvanced.execute(**advanced, enhance=(enhance_tiles, enhance_ratio))
 
 
 class ImagePromptApplyEmbeds(io.ComfyNode):
@@ -509,4 +551,4 @@ class ImagePromptUnifiedLoader(io.ComfyNode):
 
 
 NODES = [ImagePromptUnifiedLoader, ImagePromptAdapterLoader, ImagePromptApply, ImagePromptApplyAdvanced,
-         ImagePromptApplyEmbeds, ImagePromptStyleComposition, ImagePromptTiled]
+         ImagePromptClipVisionEnhancer, ImagePromptApplyEmbeds, ImagePromptStyleComposition, ImagePromptTiled]

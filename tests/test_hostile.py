@@ -119,6 +119,14 @@ def replace_apply(class_type: str, **inputs):
     return change
 
 
+def enhance(tiles: int, ratio: float = 1.0):
+    """Node 5, the Advanced node, becomes the CLIP-vision enhancer with the same inputs."""
+    def change(prompt):
+        prompt["5"]["class_type"] = "ImagePromptClipVisionEnhancer"
+        prompt["5"]["inputs"].update(enhance_tiles=tiles, enhance_ratio=ratio)
+    return change
+
+
 def add_node(node: str, class_type: str, then=None, **inputs):
     def change(prompt):
         prompt[node] = {"class_type": class_type, "inputs": inputs}
@@ -177,6 +185,12 @@ CASES = [
      chain(add_node("13", "ImageBatch", image1=["4", 0], image2=["4", 0]),
            set_input("5", image=["13", 0], unfold_batch=True)), ("ok", None)),
     ("missing image file", set_input("4", image="nowhere.png"), ("rejected", "nowhere.png")),
+    ("enhancer grid finer than the image", chain(
+        add_node("13", "ImageScale", image=["4", 0], upscale_method="nearest-exact", width=20, height=20,
+                 crop="disabled"), set_input("5", image=["13", 0]), enhance(16)),
+     ("failed", "enhance_tiles: 16 tiles per side of a 20x20 image are under 2 pixels")),
+    ("enhancer grid above its maximum", enhance(17), ("rejected", "bigger than max of 16")),
+    ("enhancer on a 4096x4096 image", chain(set_input("4", image="huge.png"), enhance(3, 0.4)), ("ok", None)),
     ("mask batch of two", chain(add_node("15", "RepeatImageBatch", image=["4", 0], amount=2),
                                 add_node("16", "ImageToMask", image=["15", 0], channel="red"),
                                 set_input("5", attn_mask=["16", 0])),

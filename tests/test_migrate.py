@@ -314,7 +314,7 @@ def api_base() -> dict:
 
 
 def api_tiled_and_enhancer() -> dict:
-    """A wide reference through the tiled node, the CLIP-vision enhancer at one tile, and the mad
+    """A wide reference through the tiled node, the CLIP-vision enhancer on a 2 x 2 grid, and the mad
     scientist's per-block weights (the tiny UNet has 4 attention blocks)."""
     prompt = api_base()
     prompt.update({
@@ -324,8 +324,8 @@ def api_tiled_and_enhancer() -> dict:
                           end_at=1.0, sharpening=0.1, embeds_scaling="V only", model=["ipa", 0],
                           ipadapter=["ipa", 1], image=["wide", 0]),
         "enh": api_node("IPAdapterClipVisionEnhancer", weight=0.5, weight_type="linear", combine_embeds="concat",
-                        start_at=0.0, end_at=1.0, embeds_scaling="K+mean(V) w/ C penalty", enhance_tiles=1,
-                        enhance_ratio=1.0, model=["tiled", 0], ipadapter=["ipa", 1], image=["img", 0]),
+                        start_at=0.0, end_at=1.0, embeds_scaling="K+mean(V) w/ C penalty", enhance_tiles=2,
+                        enhance_ratio=0.7, model=["tiled", 0], ipadapter=["ipa", 1], image=["img", 0]),
         "ms": api_node("IPAdapterMS", weight=1.0, weight_faceidv2=1.0, weight_type="ease out", combine_embeds="concat",
                        start_at=0.0, end_at=0.8, embeds_scaling="V only", layer_weights="0:1, 2:0.5, 3:0.25",
                        model=["enh", 0], ipadapter=["ipa", 1], image=["img", 0]),
@@ -543,6 +543,24 @@ def test_widget_values_follow_that_packs_meaning():
                                         if k not in ("interpolation", "crop_position", "sharpening")}}
 
 
+@pytest.mark.unit
+def test_the_clip_vision_enhancers_keep_their_grid_and_ratio():
+    g = CubiqGraph()
+    loader = g.node("IPAdapterModelLoader", ADAPTER)
+    single = g.node("IPAdapterClipVisionEnhancer", 0.8, "linear", "average", 0.0, 1.0, "V only", 3, 0.8)
+    batch = g.node("IPAdapterClipVisionEnhancerBatch", 1.0, "linear", 0.0, 1.0, "V only", 2, 0.5, 0)
+    for node in (single, batch):
+        g.link(loader, 0, node, "ipadapter")
+    migrated, report = migrate(g.workflow())
+    enhancers = [node for node in migrated["nodes"] if node["type"] == "ImagePromptClipVisionEnhancer"]
+    first, second = (widget_map(node) for node in sorted(enhancers, key=lambda node: node["id"]))
+    assert (first["enhance_tiles"], first["enhance_ratio"], first["combine_embeds"]) == (3, 0.8, "average")
+    assert (second["enhance_tiles"], second["enhance_ratio"], second["unfold_batch"]) == (2, 0.5, True)
+    lines = [line for line in report if line.target == "ImagePromptClipVisionEnhancer"]
+    assert len(lines) == 2 and all(line.status == "mapped with a difference in behaviour" for line in lines)
+    assert all("the tiles' embeds are averaged" in str(line) for line in lines)
+
+
 def report_of(report: list, kind: str) -> list:
     return [line for line in report if line.source == kind]
 
@@ -579,13 +597,12 @@ def test_report_names_the_features_that_are_not_supported():
     g = CubiqGraph()
     loader = g.node("IPAdapterModelLoader", ADAPTER)
     image = g.node("LoadImage", "reference.png", "image")
-    enhancer = g.node("IPAdapterClipVisionEnhancer", 0.8, "linear", "concat", 0.0, 1.0, "V only", 2, 0.8)
     face = g.node("IPAdapterInsightFaceLoader", "CPU", "antelopev2")
     scientist = g.node("IPAdapterMS", 1.0, 1.0, "linear", "concat", 0.0, 1.0, "V only", "")
     weights = g.node("IPAdapterWeights", "1.0, 0.0", "linear", 4, 0, 9999, 0, 0, "full batch")
     strategy = g.node("IPAdapterWeightsFromStrategy")
     kolors = g.node("IPAdapterFaceIDKolors", 1.0, 1.0, 0.5, "linear", "concat", 0.0, 1.0, "V only")
-    for node in (enhancer, scientist, kolors):
+    for node in (scientist, kolors):
         g.link(loader, 0, node, "ipadapter")
         g.link(image, 0, node, "image")
     g.link(face, 0, scientist, "insightface")
@@ -594,9 +611,7 @@ def test_report_names_the_features_that_are_not_supported():
     migrated, report = migrate(g.workflow())
     text = {line.source: str(line) for line in report}
     assert all(line.status == "not supported" for line in report if line.source in text and line.source in (
-        "IPAdapterClipVisionEnhancer", "IPAdapterMS", "IPAdapterWeights", "IPAdapterWeightsFromStrategy",
-        "IPAdapterFaceIDKolors"))
-    assert "CLIP-vision enhancer (enhance_tiles, enhance_ratio" in text["IPAdapterClipVisionEnhancer"]
+        "IPAdapterMS", "IPAdapterWeights", "IPAdapterWeightsFromStrategy", "IPAdapterFaceIDKolors"))
     assert "FaceID adapters in the Mad Scientist node" in text["IPAdapterMS"]
     assert "weights_strategy output" in text["IPAdapterWeights"]
     assert "weights strategies" in text["IPAdapterWeightsFromStrategy"]
