@@ -327,8 +327,9 @@ class DecoupledCrossAttention:
         return self._batched[key]
 
     def __deepcopy__(self, memo):
-        """The host deep-copies model options on every clone; share this object (its caches are keyed by
-        layer, device, dtype and step, so clones may use them together)."""
+        """Hosts up to 0.3.x deep-copy model options on every clone (newer ones copy only the dicts and
+        lists); either way clones share this object (its caches are keyed by layer, device, dtype and
+        step, so clones may use them together)."""
         return self
 
     def to(self, *args, **kwargs):

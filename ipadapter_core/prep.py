@@ -26,8 +26,10 @@ def _check(name: str, image: torch.Tensor) -> None:
 
 
 def as_rgb(image: torch.Tensor, name: str = "image") -> torch.Tensor:
-    """[B, H, W, 1|3|4] -> [B, H, W, 3]: grey is repeated, alpha dropped."""
+    """[B, H, W, 1|3|4] -> float32 [B, H, W, 3]: grey is repeated, alpha dropped (a host that keeps
+    images in half precision still gets float resampling, which half lacks on the CPU)."""
     _check(name, image)
+    image = image.float()
     return image[..., :3] if image.shape[-1] != 1 else image.expand(*image.shape[:3], 3)
 
 

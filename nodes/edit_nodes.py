@@ -69,7 +69,7 @@ def encode_edit_image(vae, image, latent, mask, resolution: str, long_side: int,
     elif vae is None:
         raise ValueError("vae: connect the edit model's VAE to encode the image (or give a latent instead)")
     else:
-        image_latent = vae.encode(apply_resolution_policy(image[..., :3], resolution, long_side))
+        image_latent = vae.encode(apply_resolution_policy(image[..., :3].float(), resolution, long_side))
         pixels_size = tuple(image.shape[1:3])
     if mask is None:
         return image_latent, None

@@ -272,6 +272,13 @@ def test_conditioning_node_encodes_like_the_hosts_ip2p_node(host, edit):
     paper = run_node(host, "InstructEditConditioning", positive=text, negative=null, vae=edit.vae, image=image,
                      resolution="long side to target, multiples of 64", long_side=128)
     assert paper[0][0][1]["concat_latent_image"].shape == (1, 4, 16, 16)  # 70 x 83 -> 128 x 128
+    # a host that keeps images in float16 (newer hosts' --fp16-intermediates) gets the float result
+    half = run_node(host, "InstructEditConditioning", positive=text, negative=null, vae=edit.vae, image=image.half(),
+                    resolution="long side to target, multiples of 64", long_side=128)
+    torch.testing.assert_close(half[0][0][1]["concat_latent_image"],
+                               run_node(host, "InstructEditConditioning", positive=text, negative=null, vae=edit.vae,
+                                        image=image.half().float(), resolution="long side to target, multiples of 64",
+                                        long_side=128)[0][0][1]["concat_latent_image"])
 
 
 def test_conditioning_node_wants_exactly_one_image_source(host, edit):

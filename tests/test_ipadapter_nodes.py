@@ -63,6 +63,27 @@ def test_encode_then_apply_embeds_equals_apply_with_the_image(host, parts):
     torch.testing.assert_close(ours, forward(from_image), rtol=0, atol=1e-4)
 
 
+def test_half_precision_images_and_masks_work_as_their_float_values(host, parts):
+    """Newer hosts can keep IMAGE and MASK in float16 (--fp16-intermediates); the CPU has no half
+    antialiased resampling, and torch.lerp refuses mixed dtypes."""
+    model, clip_vision, adapter = parts
+    wide, mask = image(20, 96, 160).half(), torch.rand(1, 96, 160, generator=torch.Generator().manual_seed(21)).half()
+    common = dict(ipadapter=adapter, weight=1.0, crop_position="pad", interpolation="bicubic", sharpening=0.2,
+                  clip_vision=clip_vision)
+    half = run(host, "ImagePromptEncode", image=wide, mask=mask, image_negative=wide, **common)
+    full = run(host, "ImagePromptEncode", image=wide.float(), mask=mask.float(), image_negative=wide.float(), **common)
+    for ours, reference in zip(half, full):
+        assert ours.dtype == torch.float32
+        torch.testing.assert_close(ours, reference)
+    (prepared,) = run(host, "ImagePromptPrepImage", image=wide, interpolation="bilinear", crop_position="center",
+                      sharpening=0.0)
+    assert prepared.dtype == torch.float32 and prepared.shape == (1, 224, 224, 3)
+    (patched,) = run(host, "ImagePromptClipVisionEnhancer", model=model, ipadapter=adapter, image=wide, weight=1.0,
+                     weight_type="linear", start_at=0.0, end_at=1.0, combine_embeds="concat", embeds_scaling="V only",
+                     composition_weight=1.0, enhance_tiles=2, enhance_ratio=1.0, clip_vision=clip_vision, attn_mask=mask)
+    assert adapters_of(patched)[0].cond_tokens.shape == (1, 32, 768)
+
+
 def test_embeds_of_the_wrong_encoder_are_refused_with_what_is_expected(host, parts):
     model, _, adapter = parts
     with pytest.raises(ValueError, match=r"embeds: tiny_ip-adapter-plus_sd15.bin \(plus_sd15\) takes penultimate "

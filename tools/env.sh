@@ -2,7 +2,8 @@
 # Builds the pinned environment from nothing, idempotently: .venv from tools/requirements-lock.txt
 # (torch 2.14.1 + torchvision 0.29.1, ComfyUI 0.3.75's requirements minus torchaudio, diffusers and
 # transformers as test references, pytest), then the pinned ComfyUI host in the cache
-# (skipped when COMFYUI_PATH names the user's own checkout). A second run costs about a second.
+# (with COMFYUI_PATH naming the user's own checkout: that checkout's requirements.txt instead, without
+# torch). A second run costs about a second.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 venv=.venv
@@ -18,6 +19,17 @@ if [ ! -f "$stamp" ]; then
 fi
 if [ -z "${COMFYUI_PATH:-}" ]; then
   "$venv/bin/python" -m tools.comfy_host install 2>&1 | { grep -v "^WARNING: Location '.*' is ignored" || true; } >/dev/null
+elif [ -f "$COMFYUI_PATH/requirements.txt" ]; then
+  # The user's host may need more than the pinned one (newer ones import comfy-kitchen, comfy-aimdo, ...):
+  # its own requirements, once per version of that file, keeping the pinned torch and torchvision.
+  host_stamp="$venv/.host-requirements-$(sha256sum "$COMFYUI_PATH/requirements.txt" | cut -c1-16)"
+  if [ ! -f "$host_stamp" ]; then
+    echo "tools/env.sh: installing the requirements of $COMFYUI_PATH" >&2
+    grep -viE '^[[:space:]]*(torch|torchvision|torchaudio)[[:space:]]*([<>=~!;[]|$)' "$COMFYUI_PATH/requirements.txt" \
+      > "$venv/host-requirements.txt" || true
+    "$venv/bin/pip" install --quiet --disable-pip-version-check --no-input -r "$venv/host-requirements.txt" >&2
+    touch "$host_stamp"
+  fi
 fi
 "$venv/bin/python" -m tools.comfy_host path >/dev/null
 # Debian's Chromium for the browser tests (tests/test_browser.py), installed where apt-get is there to do it.
