@@ -22,6 +22,7 @@ from .ipadapter_patch import AdapterModelMismatch, check_fit, cross_attention_la
 FOLDER = "ipadapter"
 CATEGORY = "image_prompt"
 ENCODE_BATCH = 16  # reference images per CLIP vision call
+WHOLE_IMAGE = (1, 1.0)  # enhance (tiles per side, ratio) off: CLIP vision sees the whole image only
 
 
 def register_model_folder() -> None:
@@ -107,7 +108,7 @@ def enhanced_embeds(adapter: LoadedAdapter, clip_vision, image: torch.Tensor, ou
 
 
 def reference_embeds(adapter: LoadedAdapter, clip_vision, image: torch.Tensor, negative: torch.Tensor | None = None,
-                     enhance: tuple[int, float] = (1, 1.0)) -> tuple[torch.Tensor, torch.Tensor]:
+                     enhance: tuple[int, float] = WHOLE_IMAGE) -> tuple[torch.Tensor, torch.Tensor]:
     """Cond and uncond CLIP embeds of reference images: the output the variant reads (with ``enhance``,
     (tiles per side, ratio), above one tile: the enhancer's), and for uncond the encoding of ``negative``
     if given, else the neutral embeds."""
@@ -162,7 +163,8 @@ def image_tokens(adapter: LoadedAdapter, embeds: torch.Tensor, uncond: torch.Ten
 
 
 def encode_reference(adapter: LoadedAdapter, clip_vision, image: torch.Tensor, combine: str = "concat",
-                     negative: torch.Tensor | None = None, unfold: bool = False, enhance: tuple[int, float] = (1, 1.0)):
+                     negative: torch.Tensor | None = None, unfold: bool = False,
+                     enhance: tuple[int, float] = WHOLE_IMAGE):
     """Cond and uncond image tokens of reference images (see image_tokens and reference_embeds)."""
     return image_tokens(adapter, *reference_embeds(adapter, clip_vision, image, negative, enhance), combine, unfold)
 
@@ -217,7 +219,7 @@ def apply_tokens(model, adapter: LoadedAdapter, cond: torch.Tensor, uncond: torc
 
 
 def apply_adapter(model, adapter: LoadedAdapter, clip_vision, image: torch.Tensor, weight, combine: str = "concat",
-                  negative: torch.Tensor | None = None, unfold: bool = False, enhance: tuple[int, float] = (1, 1.0),
+                  negative: torch.Tensor | None = None, unfold: bool = False, enhance: tuple[int, float] = WHOLE_IMAGE,
                   **options):
     """What the image apply nodes do: check the fit first (cheaper than encoding, and the deeper
     mismatch), encode the reference, and patch a clone."""
@@ -346,7 +348,7 @@ class ImagePromptApplyAdvanced(io.ComfyNode):
     @classmethod
     def execute(cls, model, ipadapter: LoadedAdapter, image, weight, weight_type, start_at, end_at, combine_embeds,
                 embeds_scaling, composition_weight, unfold_batch=False, layer_weights="", image_negative=None,
-                attn_mask=None, clip_vision=None, enhance: tuple[int, float] = (1, 1.0)) -> io.NodeOutput:
+                attn_mask=None, clip_vision=None, enhance: tuple[int, float] = WHOLE_IMAGE) -> io.NodeOutput:
         return io.NodeOutput(apply_adapter(model, ipadapter, clip_vision, image, weight, combine_embeds,
                                            image_negative, unfold_batch, enhance, weight_type=weight_type,
                                            start_at=start_at, end_at=end_at, embeds_scaling=embeds_scaling,

@@ -8,16 +8,12 @@ import torch.nn.functional as F
 
 from ipadapter_core import prep
 from ipadapter_core.embeds import enhance_embeds, merge_tile_embeds
+from test_ipadapter_nodes import adapters_of, run
+from test_ipadapter_nodes import image as reference
+from test_prep import ramp
 
 PLUS, BASE = "tiny_ip-adapter-plus_sd15.bin", "tiny_ip-adapter_sd15.bin"
 VIT_H = "CLIP-ViT-H-14-laion2B-s32B-b79K.pt"
-
-
-def ramp(h, w):
-    """Red is the column index, green the row index: where a tile came from is readable."""
-    rows, cols = torch.meshgrid(torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32),
-                                indexing="ij")
-    return torch.stack([cols, rows, torch.zeros_like(rows)], dim=-1)[None]
 
 
 def pooled_mosaic(tiles: torch.Tensor) -> torch.Tensor:
@@ -88,10 +84,6 @@ def test_one_image_becomes_two_references_and_several_are_blended():
 
 # --- through the host ------------------------------------------------------------------------------------
 
-def run(host, node_id, **inputs):
-    return host.NODE_CLASS_MAPPINGS[node_id].execute(**inputs).result
-
-
 @pytest.fixture(scope="module")
 def parts(host, need_models):
     need_models("checkpoints/tiny_sd15.ckpt", f"ipadapter/{PLUS}", f"ipadapter/{BASE}", f"clip_vision/{VIT_H}")
@@ -105,11 +97,7 @@ def enhance(host, model, clip_vision, adapter, image, tiles, ratio, **more):
                    embeds_scaling="V only", composition_weight=1.0, clip_vision=clip_vision, **more)
     (patched,) = run(host, "ImagePromptClipVisionEnhancer", model=model, ipadapter=adapter, image=image,
                      enhance_tiles=tiles, enhance_ratio=ratio, **options)
-    return next(iter(patched.model_options["transformer_options"]["patches_replace"]["attn2"].values())).adapters
-
-
-def reference(seed, h=224, w=224):
-    return torch.rand(1, h, w, 3, generator=torch.Generator().manual_seed(seed))
+    return adapters_of(patched)
 
 
 @pytest.mark.host
@@ -152,7 +140,7 @@ def test_one_tile_is_the_advanced_node_and_a_too_fine_grid_is_named(host, parts)
     (patched,) = run(host, "ImagePromptApplyAdvanced", model=model, ipadapter=adapter, image=image, weight=1.0,
                      weight_type="linear", start_at=0.0, end_at=1.0, combine_embeds="concat", embeds_scaling="V only",
                      composition_weight=1.0, clip_vision=clip_vision)
-    (advanced,) = next(iter(patched.model_options["transformer_options"]["patches_replace"]["attn2"].values())).adapters
+    (advanced,) = adapters_of(patched)
     assert torch.equal(spec.cond_tokens, advanced.cond_tokens)
     with pytest.raises(ValueError, match=r"enhance_tiles: 16 tiles per side of a 20x20 image are under 2 pixels"):
         enhance(host, model, clip_vision, adapter, reference(5, 20, 20), 16, 1.0)
