@@ -5,8 +5,8 @@
 Reads a workflow in the UI format (nodes and links as the editor saves them, with subgraphs and group
 nodes) or the API format (node id -> class_type and inputs). Every node of that pack becomes the node
 of this pack that does the same: widget values and inputs are mapped, input and output slots renumbered,
-the link types IPADAPTER and IPADAPTER_PARAMS renamed. Links, groups, titles, positions, sizes, colours
-and the nodes of the host and of other packs are kept. One report line per node of that pack says:
+the link types IPADAPTER, IPADAPTER_PARAMS and WEIGHTS_STRATEGY renamed. Links, groups, titles, positions,
+sizes, colours and the nodes of the host and of other packs are kept. One report line per node of that pack says:
 mapped; mapped with a difference in behaviour (which); or what is not supported. Without -o the
 migrated workflow goes to stdout and the report to stderr. A migrated workflow migrates to itself.
 

@@ -1,12 +1,7 @@
-"""Regions and schedules: reference images that each steer a masked region (with that region's text
-prompt), and per-frame weights for unfolded batches (animation)."""
+"""Regions: reference images that each steer a masked region (with that region's text prompt)."""
 from __future__ import annotations
 
-import math
-import random
-
 import node_helpers
-import torch
 from comfy_api.latest import io
 
 from .ipadapter_nodes import (CATEGORY, CLIP_VISION_INPUT, COMBINE_INPUT, END_INPUT, NEGATIVE_INPUT, SCALING_INPUT,
@@ -96,111 +91,4 @@ class ImagePromptApplyRegions(io.ComfyNode):
         return io.NodeOutput(model)
 
 
-TIMINGS = ("custom", "linear", "ease_in_out", "ease_in", "ease_out", "random")
-METHODS = ("full batch", "shift batches", "alternate batches")
-# t in 0..1 -> share of the way from the first key value to the last (the names of the most-used pack,
-# so that its graphs keep their schedules).
-_CURVES = {"linear": lambda t: t, "ease_in_out": lambda t: (1 - math.cos(math.pi * t)) / 2,
-           "ease_in": lambda t: math.sin(math.pi * t / 2), "ease_out": lambda t: 1 - math.cos(math.pi * t / 2)}
-
-
-def frame_weights(keys: list[float], timing: str, frames: int, start_frame: int, end_frame: int,
-                  seed: int = 0) -> list[float]:
-    """One transition's weights. ``custom``: the key values as written. Otherwise ``frames`` (at least 2)
-    values going from the first key value to the last along the curve between ``start_frame`` and
-    ``end_frame``, holding the first value before and the last after; ``random`` draws between them."""
-    if timing == "custom":
-        return list(keys) or [0.0]
-    frames = max(frames, 2)
-    first, last = (keys[0], keys[-1]) if keys else (0.0, 1.0)
-    stop = min(end_frame, frames)
-    span = stop - start_frame
-    rng = random.Random(seed)
-    values = [first] * start_frame
-    for i in range(span):
-        t = i / (span - 1) if span > 1 else 1.0
-        values.append(rng.uniform(first, last) if timing == "random" else first + (last - first) * _CURVES[timing](t))
-    if values and timing != "random":
-        values[-1] = last
-    values += [last] * (frames - stop)
-    return values or [0.0]
-
-
-def arrange_frames(values: list[float], image: torch.Tensor | None, method: str):
-    """(weights, image_1, image_2): the transition repeated for every image (full batch), for every pair of
-    neighbours (shift batches: image_1 fades out as image_2 comes in), or for alternating even/odd images
-    whose weights swap (their range inverted) every transition. Each image is repeated once per frame."""
-    if image is None:
-        return values, None, None
-    frames, count = len(values), image.shape[0]
-    if method == "shift batches":
-        return values * (count - 1), image[:-1].repeat_interleave(frames, 0), image[1:].repeat_interleave(frames, 0)
-    if method == "alternate batches":
-        low, high = min(values), max(values)
-        swapped = [high - (w - low) for w in values]
-        evens = image[::2].repeat_interleave(2, 0)[1:]
-        odds = image[1::2].repeat_interleave(2, 0)
-        weights = (values + swapped) * (evens.shape[0] // 2)
-        if count % 2:
-            evens = evens[:-1]
-        else:
-            odds = odds[:-1]
-            weights = weights + values
-        return weights, evens.repeat_interleave(frames, 0), odds.repeat_interleave(frames, 0)
-    return values * count, image.repeat_interleave(frames, 0), None
-
-
-class ImagePromptFrameWeights(io.ComfyNode):
-    @classmethod
-    def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id="ImagePromptFrameWeights",
-            display_name="IP-Adapter Frame Weights",
-            category=CATEGORY,
-            description="Weights per frame for an unfolded batch (animation): a transition from the first key value "
-                        "to the last over 'frames' frames for every image; link 'weights' and 'image_1' to an apply "
-                        "node with unfold_batch on ('image_2' and 'weights_invert' to a second one to cross-fade).",
-            inputs=[io.String.Input("weights", default="1.0, 0.0", multiline=True,
-                                    tooltip="Key values, separated by commas or new lines."),
-                    io.Combo.Input("timing", options=list(TIMINGS), default="linear",
-                                   tooltip="custom: one value per frame as written; the curves go from the first value to the last."),
-                    io.Int.Input("frames", default=0, min=0, max=9999,
-                                 tooltip="Frames of one transition (curves and random; at least 2)."),
-                    io.Int.Input("start_frame", default=0, min=0, max=9999, tooltip="Frames before it hold the first value."),
-                    io.Int.Input("end_frame", default=9999, min=0, max=9999, tooltip="Frames from here on hold the last value."),
-                    io.Int.Input("add_starting_frames", default=0, min=0, max=9999,
-                                 tooltip="Frames holding the first value and image, added before."),
-                    io.Int.Input("add_ending_frames", default=0, min=0, max=9999,
-                                 tooltip="Frames holding the last value and image, added after."),
-                    io.Combo.Input("method", options=list(METHODS), default="full batch",
-                                   tooltip="full batch: every image gets the transition; shift batches: each image "
-                                           "fades into the next (image_1 -> image_2); alternate batches: even and "
-                                           "odd images take turns."),
-                    io.Image.Input("image", optional=True, tooltip="Frames' reference images.")],
-            outputs=[io.Float.Output(display_name="weights"), io.Float.Output(display_name="weights_invert"),
-                     io.Int.Output(display_name="total_frames"), io.Image.Output(display_name="image_1"),
-                     io.Image.Output(display_name="image_2")],
-        )
-
-    @classmethod
-    def execute(cls, weights, timing, frames, start_frame, end_frame, add_starting_frames, add_ending_frames,
-                method, image=None) -> io.NodeOutput:
-        try:
-            keys = [float(v) for v in weights.replace("\n", ",").split(",") if v.strip()]
-        except ValueError:
-            raise ValueError(f"weights: expected numbers separated by commas, got {weights!r}") from None
-        if timing not in TIMINGS or method not in METHODS:
-            raise ValueError(f"timing / method: expected one of {', '.join(TIMINGS)} / {', '.join(METHODS)}")
-        values, first, second = arrange_frames(frame_weights(keys, timing, frames, start_frame, end_frame), image,
-                                               method)
-        if image is not None:
-            def pad(images):
-                return images if images is None else torch.cat(
-                    [image[:1].expand(add_starting_frames, *image.shape[1:]), images,
-                     image[-1:].expand(add_ending_frames, *image.shape[1:])])
-            first, second = pad(first), pad(second)
-            values = [values[0]] * add_starting_frames + values + [values[-1]] * add_ending_frames
-        return io.NodeOutput(values, values[::-1], len(values), first, second)
-
-
-NODES = [ImagePromptRegion, ImagePromptCombineRegions, ImagePromptApplyRegions, ImagePromptFrameWeights]
+NODES = [ImagePromptRegion, ImagePromptCombineRegions, ImagePromptApplyRegions]

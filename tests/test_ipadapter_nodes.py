@@ -264,13 +264,13 @@ def test_unfold_batch_through_the_advanced_node_gives_one_image_per_latent(host,
 def test_frame_weights_make_one_transition_per_image(host):
     frames_of = torch.arange(2.0).reshape(2, 1, 1, 1).expand(2, 2, 2, 3)  # image i is all i
     common = dict(weights="1.0, 0.0", timing="linear", frames=5, start_frame=0, end_frame=9999, image=frames_of)
-    weights, invert, total, first, second = run(host, "ImagePromptFrameWeights", add_starting_frames=1,
-                                                add_ending_frames=0, method="full batch", **common)
+    weights, invert, total, first, second, _ = run(host, "ImagePromptFrameWeights", add_starting_frames=1,
+                                                   add_ending_frames=0, method="full batch", **common)
     ramp = [1.0, 0.75, 0.5, 0.25, 0.0]
     assert weights == pytest.approx([1.0] + ramp * 2) and total == 11 and invert == weights[::-1]
     assert first[:, 0, 0, 0].tolist() == [0.0] * 6 + [1.0] * 5 and second is None
-    weights, _, _, first, second = run(host, "ImagePromptFrameWeights", add_starting_frames=0, add_ending_frames=0,
-                                       method="shift batches", **common)
+    weights, _, _, first, second, _ = run(host, "ImagePromptFrameWeights", add_starting_frames=0,
+                                          add_ending_frames=0, method="shift batches", **common)
     assert weights == pytest.approx(ramp)  # image 0 fades out while image 1 comes in
     assert first[:, 0, 0, 0].tolist() == [0.0] * 5 and second[:, 0, 0, 0].tolist() == [1.0] * 5
     held, *_ = run(host, "ImagePromptFrameWeights", weights="0.2, 0.8", timing="ease_in_out", frames=6, start_frame=2,
@@ -279,3 +279,22 @@ def test_frame_weights_make_one_transition_per_image(host):
     with pytest.raises(ValueError, match="weights: expected numbers"):
         run(host, "ImagePromptFrameWeights", weights="1, x", timing="custom", frames=0, start_frame=0, end_frame=9,
             add_starting_frames=0, add_ending_frames=0, method="full batch")
+
+
+def test_a_weights_strategy_lays_the_same_schedule_over_other_images_and_writes_its_prompts(host):
+    settings = dict(weights="0.0, 1.0", timing="ease_in", frames=3, start_frame=0, end_frame=9999,
+                    add_starting_frames=2, add_ending_frames=0, method="shift batches")
+    two, four = (torch.rand(n, 8, 8, 3, generator=torch.Generator().manual_seed(n)) for n in (2, 4))
+    *_, strategy = run(host, "ImagePromptFrameWeights", image=two, **settings)
+    from_strategy = run(host, "ImagePromptFrameWeightsFromStrategy", weights_strategy=strategy, image=four)
+    direct = run(host, "ImagePromptFrameWeights", image=four, **settings)
+    assert from_strategy[:3] == direct[:3] and from_strategy[5] is strategy
+    assert all(torch.equal(a, b) for a, b in zip(from_strategy[3:5], direct[3:5]))
+    # two images, 3 frames a transition after 2 starting frames: the prompts start at 0, 2 and 5
+    (text,) = run(host, "ImagePromptScheduleFromStrategy", weights_strategy=strategy, prompt="dawn\ndusk")
+    assert text == '"0": "dawn",\n"2": "dawn",\n"5": "dusk",\n'
+
+
+def test_combine_weights_joins_weights_and_lists(host):
+    assert run(host, "ImagePromptCombineWeights", weights_1=[1.0, 0.5], weights_2=0.25) == ([1.0, 0.5, 0.25], 3)
+    assert run(host, "ImagePromptCombineWeights", weights_1=0.3, weights_2=[0.0, 1.0]) == ([0.3, 0.0, 1.0], 3)

@@ -260,19 +260,26 @@ def graph_embeds() -> dict:
     return g.workflow()
 
 
-def graph_batch_weights() -> dict:
-    """Frame weights drive a batch node: weights into its weight widget, the frame count into the latent's
-    batch size, the repeated images into its image (that pack's animation pattern)."""
-    g = CubiqGraph()
+def two_references(g: CubiqGraph) -> tuple[int, int, int]:
+    """Checkpoint, unified loader (plus) and a batch of two references (the image and a smaller copy): the
+    start of that pack's animation graphs."""
     checkpoint = g.node("CheckpointLoaderSimple", CHECKPOINT)
     loader = g.node("IPAdapterUnifiedLoader", "PLUS (high strength)")
     g.link(checkpoint, 0, loader, "model")
     image = g.node("LoadImage", "reference.png", "image")
-    flipped = g.node("ImageScale", "nearest-exact", 96, 96, "center")
-    g.link(image, 0, flipped, "image")
+    small = g.node("ImageScale", "nearest-exact", 96, 96, "center")
+    g.link(image, 0, small, "image")
     both = g.node("ImageBatch")
     g.link(image, 0, both, "image1")
-    g.link(flipped, 0, both, "image2")
+    g.link(small, 0, both, "image2")
+    return checkpoint, loader, both
+
+
+def graph_batch_weights() -> dict:
+    """Frame weights drive a batch node: weights into its weight widget, the frame count into the latent's
+    batch size, the repeated images into its image (that pack's animation pattern)."""
+    g = CubiqGraph()
+    checkpoint, loader, both = two_references(g)
     weights = g.node("IPAdapterWeights", "1.0, 0.0", "linear", 2, 0, 9999, 0, 0, "full batch")
     g.link(both, 0, weights, "image")
     batch = g.node("IPAdapterBatch", 1.0, "linear", 0.0, 1.0, "V only", 0)
@@ -285,8 +292,45 @@ def graph_batch_weights() -> dict:
     return g.workflow()
 
 
+def graph_weights_strategy() -> dict:
+    """A cross-fade made from a weights strategy: two references over 2 frames each (shift batches), the
+    strategy laid over them again, its weights and their inverse into two batch nodes, its prompt schedule as
+    the positive text; a third batch node weighs the two references with combined weights."""
+    g = CubiqGraph()
+    checkpoint, loader, both = two_references(g)
+    weights = g.node("IPAdapterWeights", "1.0, 0.0", "linear", 2, 0, 9999, 1, 1, "shift batches")
+    g.link(both, 0, weights, "image")
+    again = g.node("IPAdapterWeightsFromStrategy")
+    g.link(weights, 5, again, "weights_strategy")
+    g.link(both, 0, again, "image")
+    schedule = g.node("IPAdapterPromptScheduleFromWeightsStrategy", "a cabin in the snow\na cabin at night")
+    g.link(weights, 5, schedule, "weights_strategy")
+    model = (loader, 0)
+    for weight_slot, image_slot in ((0, 3), (1, 4)):
+        batch = g.node("IPAdapterBatch", 1.0, "linear", 0.0, 1.0, "V only", 0)
+        g.link(*model, batch, "model")
+        g.link(loader, 1, batch, "ipadapter")
+        g.link(again, image_slot, batch, "image")
+        g.link(again, weight_slot, batch, "weight", widget_type="FLOAT")
+        model = (batch, 0)
+    combine = g.node("IPAdapterCombineWeights", 0.6, 0.9)
+    batch = g.node("IPAdapterBatch", 1.0, "linear", 0.0, 1.0, "V only", 0)
+    g.link(*model, batch, "model")
+    g.link(loader, 1, batch, "ipadapter")
+    g.link(both, 0, batch, "image")
+    g.link(combine, 0, batch, "weight", widget_type="FLOAT")
+    positive = g.node("CLIPTextEncode", "")
+    g.link(checkpoint, 1, positive, "clip")
+    g.link(schedule, 0, positive, "text", widget_type="STRING")
+    latent = sampler_tail(g, (batch, 0), checkpoint, positive=(positive, 0))
+    g.link(again, 2, latent, "batch_size", widget_type="INT")
+    return g.workflow()
+
+
 UI_GRAPHS = {"simple": graph_simple, "advanced": graph_advanced, "embeds": graph_embeds,
-             "batch_weights": graph_batch_weights}
+             "batch_weights": graph_batch_weights, "weights_strategy": graph_weights_strategy}
+# images each UI graph saves: one per frame where frame weights set the batch size
+UI_GRAPH_IMAGES = {"batch_weights": 4, "weights_strategy": 4}
 
 
 def api_node(kind: str, **inputs) -> dict:
@@ -599,27 +643,36 @@ def test_report_names_the_features_that_are_not_supported():
     image = g.node("LoadImage", "reference.png", "image")
     face = g.node("IPAdapterInsightFaceLoader", "CPU", "antelopev2")
     scientist = g.node("IPAdapterMS", 1.0, 1.0, "linear", "concat", 0.0, 1.0, "V only", "")
-    weights = g.node("IPAdapterWeights", "1.0, 0.0", "linear", 4, 0, 9999, 0, 0, "full batch")
-    strategy = g.node("IPAdapterWeightsFromStrategy")
     kolors = g.node("IPAdapterFaceIDKolors", 1.0, 1.0, 0.5, "linear", "concat", 0.0, 1.0, "V only")
     for node in (scientist, kolors):
         g.link(loader, 0, node, "ipadapter")
         g.link(image, 0, node, "image")
     g.link(face, 0, scientist, "insightface")
     g.link(face, 0, kolors, "insightface")
-    g.link(weights, 5, strategy, "weights_strategy")
     migrated, report = migrate(g.workflow())
     text = {line.source: str(line) for line in report}
-    assert all(line.status == "not supported" for line in report if line.source in text and line.source in (
-        "IPAdapterMS", "IPAdapterWeights", "IPAdapterWeightsFromStrategy", "IPAdapterFaceIDKolors"))
+    assert all(line.status == "not supported" for line in report
+               if line.source in ("IPAdapterMS", "IPAdapterFaceIDKolors"))
     assert "FaceID adapters in the Mad Scientist node" in text["IPAdapterMS"]
-    assert "weights_strategy output" in text["IPAdapterWeights"]
-    assert "weights strategies" in text["IPAdapterWeightsFromStrategy"]
     assert "weight_kolors" in text["IPAdapterFaceIDKolors"]
-    assert only_node(migrated, "IPAdapterWeightsFromStrategy")  # left as it is
-    # the links into what has no counterpart are gone, everything else is consistent
+    # the link into what has no counterpart is gone, everything else is consistent
     assert_links_consistent(migrated)
-    assert len(migrated["links"]) == len(g.links) - 2  # insightface -> mad scientist, weights_strategy
+    assert len(migrated["links"]) == len(g.links) - 1  # insightface -> mad scientist
+
+
+@pytest.mark.unit
+def test_weights_strategies_and_their_prompt_schedules_keep_their_links():
+    migrated, report = migrate(graph_weights_strategy())
+    assert not any(node["type"] in CUBIQ for node in migrated["nodes"])
+    status = {line.source: line.status for line in report}
+    assert status["IPAdapterWeights"] == status["IPAdapterWeightsFromStrategy"] == "mapped"
+    assert status["IPAdapterCombineWeights"] == "mapped"
+    assert status["IPAdapterPromptScheduleFromWeightsStrategy"] == "mapped with a difference in behaviour"
+    strategy_links = [link for link in migrated["links"] if link[5] == "IMAGE_PROMPT_WEIGHTS_STRATEGY"]
+    assert len(strategy_links) == 2
+    schedule = only_node(migrated, "ImagePromptScheduleFromStrategy")
+    assert widget_map(schedule) == {"prompt": "a cabin in the snow\na cabin at night"}
+    assert widget_map(only_node(migrated, "ImagePromptCombineWeights")) == {"weights_1": 0.6, "weights_2": 0.9}
 
 
 # --- UI round trip, idempotence, formats ---------------------------------------------------------------------
@@ -746,7 +799,7 @@ def test_command_writes_the_workflow_and_prints_the_report(tmp_path):
 def test_migrated_ui_graph_runs_on_the_host(server, object_info, name):
     migrated, _ = migrate(UI_GRAPHS[name]())
     prompt = ui_to_api(migrated, object_info)
-    run_images(server, prompt, count=4 if name == "batch_weights" else 1)
+    run_images(server, prompt, count=UI_GRAPH_IMAGES.get(name, 1))
 
 
 @pytest.mark.server
