@@ -6,7 +6,8 @@ Q, K_text and V_text arrive already projected by the frozen layer ([B, N, C] and
 to the layer's own ``to_out``. The image keys and values of each adapter are computed once per layer, device
 and dtype (weights folded in) and then reused at every step; adapters with the same number of image tokens
 attend together (one call, or one product). Which image tokens a batch chunk gets (cond or uncond) is decided
-by the conditioning that produced the chunk, never by its position.
+by the conditioning that produced the chunk, never by its position; which image an unfolded batch gives a latent,
+by the latent's frame index, also when the sampler runs the UNet on a window of the frames (context windows).
 
 How the image attention runs is chosen per device (``attention_form``). On a GPU, where a step is bound by
 kernel launches, it is one SDPA call for all adapters of a group (as extra heads) and one add. On the CPU,
@@ -19,6 +20,7 @@ limits its attention to the rows the mask covers.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -195,14 +197,18 @@ class DecoupledCrossAttention:
     """The attn2 replacement registered on every cross-attention layer of one patched model.
 
     ``layers`` maps the host's (block, id, depth index) to the adapter layer index. ``uncond_chunks(options)``
-    returns, per batch chunk, whether the chunk belongs to an unconditional (negative-side) conditioning."""
+    returns, per batch chunk, whether the chunk belongs to an unconditional (negative-side) conditioning.
+    ``window_frames(options, rows)`` returns the frame index of each of a chunk's ``rows`` latents when the UNet
+    runs on a window of the frames, or None when a chunk holds frames 0..rows-1."""
 
     def __init__(self, attention: AttentionFn, layers: dict[LayerKey, int], adapters: tuple[AdapterSpec, ...],
-                 uncond_chunks: Callable[[dict], tuple[bool, ...]]):
+                 uncond_chunks: Callable[[dict], tuple[bool, ...]],
+                 window_frames: Callable[[dict, int], tuple[int, ...] | None] = lambda options, rows: None):
         self.attention = attention
         self.layers = layers
         self.adapters = adapters
         self.uncond_chunks = uncond_chunks
+        self.window_frames = window_frames
         self.groups = {layer: token_groups(adapters, layer) for layer in set(layers.values())}
         self._batched: dict = {}
         self._step: tuple = (None, {})  # this step's sigmas tensor and the sigma-gated factors computed for it
@@ -214,6 +220,8 @@ class DecoupledCrossAttention:
         layer = self.layers[(block[0], block[1], options.get("block_index", 0))]
         flags = self.uncond_chunks(options)
         b, n, _ = q.shape
+        rows = b // len(flags)
+        frames = self.window_frames(options, rows)
         upcast = precision is torch.float32 and q.dtype != torch.float32  # the model asks for fp32 attention
         for group in self.groups[layer]:
             tokens = self.adapters[group[0]].cond_tokens.shape[1]
@@ -222,20 +230,26 @@ class DecoupledCrossAttention:
             on_cpu = form != "extra heads"  # there reading a tensor back costs nothing, and skipped rows are saved time
             if on_cpu and factor is not None and not factor.any():
                 continue  # outside every adapter's sigma range, or masked out everywhere on this layer
-            kv = self._kv(form, group, layer, flags, b // len(flags), heads, q.device, q.dtype)
-            rows = self._masked_rows(group, n, options, q.device, q.dtype) if on_cpu and factor is not None else None
+            period = self._period(group)
+            if frames is None or period == 1:
+                kv = self._kv(form, group, layer, flags, rows, heads, q.device, q.dtype)
+            else:  # a window of an unfolded batch: the rows of the window's frames, from one cycle of the images
+                kv = self._kv(form, group, layer, flags, period, heads, q.device, q.dtype)
+                pick = self._window_pick(len(flags), period, frames, q.device)
+                kv = tuple(x.index_select(0, pick) for x in kv)
+            masked = self._masked_rows(group, n, options, q.device, q.dtype) if on_cpu and factor is not None else None
             scratch = None
             if form in PRODUCTS:
-                scratch = self._scratch(heads * len(group) * tokens * (n if rows is None else len(rows)), q)
-            if rows is None:
+                scratch = self._scratch(heads * len(group) * tokens * (n if masked is None else len(masked)), q)
+            if masked is None:
                 add_image_term(form, head_major(q, heads), head_major(out, heads), kv, factor, len(group), upcast,
                                scratch)
             else:  # only the query rows a mask covers: gathered, attended, added back
-                q_rows = q.index_select(1, rows)
+                q_rows = q.index_select(1, masked)
                 term = torch.zeros_like(q_rows)
                 add_image_term(form, head_major(q_rows, heads), head_major(term, heads), kv,
-                               factor.index_select(1, rows), len(group), upcast, scratch)
-                out.index_add_(1, rows, term)
+                               factor.index_select(1, masked), len(group), upcast, scratch)
+                out.index_add_(1, masked, term)
         return out
 
     def _factor(self, group, tokens, options, device, dtype):
@@ -290,6 +304,22 @@ class DecoupledCrossAttention:
             grids = self._batched[("factor", group, tokens, latent_hw, device, dtype)]  # [A, tokens, 1]
             rows = (grids.amax(0)[:, 0] > 0).nonzero()[:, 0]
             self._batched[key] = rows if len(rows) <= MASKED_ROWS_MAX_SHARE * tokens else None
+        return self._batched[key]
+
+    def _period(self, group) -> int:
+        """After how many frames the images of ``group``'s adapters repeat together (1: none is unfolded)."""
+        key = ("period", group)
+        if key not in self._batched:
+            self._batched[key] = math.lcm(*(self.adapters[i].cond_tokens.shape[0] for i in group))
+        return self._batched[key]
+
+    def _window_pick(self, chunks, period, frames, device):
+        """Rows [chunks * len(frames)] of a K/V layout made for frames 0..period-1 that hold ``frames``, chunk
+        by chunk."""
+        key = ("window", chunks, period, frames, device)
+        if key not in self._batched:
+            self._batched[key] = torch.tensor([c * period + f % period for c in range(chunks) for f in frames],
+                                              device=device)
         return self._batched[key]
 
     def _batched_kv(self, group, layer, flags, rows, heads, device, dtype):

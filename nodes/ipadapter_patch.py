@@ -4,7 +4,9 @@ The layer list is read from the model itself (fine-tunes and distilled UNets hav
 the order adapter files number their layers: input blocks, output blocks, then the middle block, which
 the host keys as ("middle", 0). Which conditioning produced each batch chunk is read from the guider
 once per sampling run (an OUTER_SAMPLE wrapper): chunks of its "positive" conditioning get the cond
-image tokens, every other conditioning (negative, DualCFGGuider's middle, ...) the uncond tokens.
+image tokens, every other conditioning (negative, DualCFGGuider's middle, ...) the uncond tokens. When the
+sampler runs the UNet on windows of the frames (the host's context windows along the batch, or
+AnimateDiff-Evolved's), the window's frame indices say which image of an unfolded batch each latent gets.
 """
 from __future__ import annotations
 
@@ -71,6 +73,21 @@ def uncond_chunks(options: dict) -> tuple[bool, ...]:
     return tuple(c == 1 for c in options["cond_or_uncond"])
 
 
+def window_frames(options: dict, rows: int) -> tuple[int, ...] | None:
+    """The frame index of each latent in a batch chunk of ``rows`` latents when the UNet runs on a window of the
+    frames: the host's context window along the batch (``context_window.index_list``) or AnimateDiff-Evolved's
+    (``ad_params["sub_idxs"]``). None when there is no window, or one of another length (a window left in the
+    options from an earlier call)."""
+    window = options.get("context_window")
+    if window is not None and getattr(window, "dim", 0) == 0:
+        frames = getattr(window, "index_list", None)
+    else:
+        frames = (options.get("ad_params") or {}).get("sub_idxs")
+    if frames is None or len(frames) != rows:
+        return None
+    return tuple(int(f) for f in frames)
+
+
 def _tag_uncond_conds(executor, *args, **kwargs):
     """OUTER_SAMPLE wrapper: record which conditionings (by uuid) are not the guider's positive."""
     guider = executor.class_obj
@@ -89,7 +106,7 @@ def patch_model(model_patcher, adapter: AdapterFile, spec: AdapterSpec):
     previous = replaces.get(layers[0].key)
     adapters = (previous.adapters if isinstance(previous, DecoupledCrossAttention) else ()) + (spec,)
     patch = DecoupledCrossAttention(optimized_attention, {layer.key: i for i, layer in enumerate(layers)},
-                                    adapters, uncond_chunks)
+                                    adapters, uncond_chunks, window_frames)
     for layer in layers:
         patched.set_model_attn2_replace(patch, *layer.key)
     if not patched.get_wrappers(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY):

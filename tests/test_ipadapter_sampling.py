@@ -4,6 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tools.comfy_host import pack_module
+
 pytestmark = pytest.mark.host
 
 ADAPTER = "tiny_ip-adapter-plus_sd15.bin"
@@ -137,3 +139,68 @@ def test_advanced_node_combines_images_and_takes_a_negative_image(host, patched)
     assert torch.equal(negative.cond_tokens, average.cond_tokens)
     assert not torch.equal(negative.uncond_tokens, average.uncond_tokens)
     assert average.kv_scaling == "K+V"
+
+
+WINDOWS = ((0, 1, 2, 3), (2, 3, 4, 5), (4, 5, 6, 7))  # 8 frames, windows of 4 with a stride of 2
+
+
+def run_in_windows(source: str):
+    """A CALC_COND_BATCH wrapper that runs the UNet on WINDOWS of the frames, one after the other, as
+    AnimateDiff-Evolved's context windows (``source`` "ad_params") or the host's (``source`` "context_window")
+    do, with the window in the transformer options; later windows overwrite the frames they share."""
+    from comfy.context_windows import IndexListContextWindow
+
+    def wrapper(executor, model, conds, x_in, timestep, model_options):
+        outputs = [torch.zeros_like(x_in) for _ in conds]
+        for frames in WINDOWS:
+            window = ({"sub_idxs": list(frames), "full_length": x_in.shape[0]} if source == "ad_params"
+                      else IndexListContextWindow(list(frames)))
+            options = {**model_options, "transformer_options": {**model_options["transformer_options"],
+                                                                source: window}}
+            index = torch.tensor(frames)
+            for output, part in zip(outputs, executor(model, conds, x_in[index], timestep[index], options)):
+                output[index] = part
+        return outputs
+    return wrapper
+
+
+@pytest.mark.parametrize("source, form", [("context_window", "head products"), *(
+    ("ad_params", form) for form in ("extra heads", "per adapter", "key-major products", "head products"))])
+def test_an_unfolded_batch_keeps_each_frames_image_when_the_unet_runs_on_windows_of_the_frames(
+        host, patched, monkeypatch, source, form):
+    """8 latents with 3 images cycled (a weight per image), run in overlapping windows of 4 frames, give what
+    one pass over the whole batch gives: the UNet has no temporal layers, so a frame's prediction depends only
+    on its latent and its image, whichever window computes it. In each form of the image attention (the GPU's
+    too: forced here)."""
+    import comfy.patcher_extension
+    monkeypatch.setattr(pack_module("ipadapter_core.attention"), "attention_form",
+                        lambda device, tokens, heads, upcast: form)
+    _, clip = patched
+    model = host.CheckpointLoaderSimple().load_checkpoint("tiny_sd15.ckpt")[0]
+    (clip_vision,) = host.CLIPVisionLoader().load_clip("CLIP-ViT-H-14-laion2B-s32B-b79K.pt")
+    (adapter,) = run_node(host, "ImagePromptAdapterLoader", ipadapter_file=ADAPTER)
+    images = torch.rand(3, 64, 64, 3, generator=torch.Generator().manual_seed(4))
+    (unfolded,) = run_node(host, "ImagePromptApplyAdvanced", model=model, ipadapter=adapter, clip_vision=clip_vision,
+                           image=images, weight=[1.0, 0.4, 1.6], weight_type="linear", start_at=0.0, end_at=1.0,
+                           combine_embeds="concat", embeds_scaling="V only", composition_weight=1.0,
+                           unfold_batch=True)
+    windowed = unfolded.clone()
+    windowed.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, "test_windows",
+                                  run_in_windows(source))
+    positive, negative = encode(host, clip, "a house"), encode(host, clip, "blurry")
+    latent = {"samples": torch.zeros(8, 4, 8, 8)}
+    whole, in_windows = (host.KSampler().sample(m, 5, 2, 5.0, "euler", "normal", positive, negative, latent)[0]
+                         ["samples"] for m in (unfolded, windowed))
+    torch.testing.assert_close(in_windows, whole, rtol=1e-5, atol=1e-5)
+
+
+def test_window_frames_come_from_the_hosts_context_window_or_animatediff_evolved(host):
+    from comfy.context_windows import IndexListContextWindow
+    window_frames = pack_module("nodes.ipadapter_patch").window_frames
+    assert window_frames({"context_window": IndexListContextWindow([5, 6, 7, 0])}, 4) == (5, 6, 7, 0)
+    assert window_frames({"ad_params": {"sub_idxs": [8, 9, 10], "full_length": 32}}, 3) == (8, 9, 10)
+    assert window_frames({"ad_params": {"sub_idxs": None, "full_length": 32}}, 32) is None
+    assert window_frames({}, 4) is None
+    # a window along another dimension (video models' frames), or of another length than the chunk: none
+    assert window_frames({"context_window": IndexListContextWindow([1, 2], dim=2)}, 2) is None
+    assert window_frames({"context_window": IndexListContextWindow([0, 1, 2, 3])}, 8) is None
