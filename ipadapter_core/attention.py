@@ -54,7 +54,8 @@ class AdapterSpec:
     the image to the uncond side and zeros to the cond side (the precise weight types). ``kv_scaling``
     is where the weight applies: to the output ("V only"), to K and V, with the C penalty, or to K and
     the token mean of V. ``sigma_range`` (high, low) limits the adapter to low <= sigma <= high.
-    ``mask`` [H, W] in [0, 1] limits it to a region of the image, at any aspect ratio."""
+    ``mask`` [F, H, W] in [0, 1] limits it to a region of the image, at any aspect ratio: mask f on latent
+    (frame) f of each chunk, the last mask on the frames after it."""
     cond_tokens: torch.Tensor
     uncond_tokens: torch.Tensor
     to_k: tuple[torch.Tensor, ...]
@@ -104,7 +105,7 @@ class AdapterSpec:
 
 
 def mask_grid(mask: torch.Tensor, tokens: int, latent_hw: tuple[int, int]) -> torch.Tensor:
-    """``mask`` [H, W] resized to the token grid of a layer with ``tokens`` positions: [tokens, 1].
+    """``mask`` [F, H, W] resized to the token grid of a layer with ``tokens`` positions: [F, tokens, 1].
 
     The grid is the latent size halved (rounding up, as the UNet's strided convolutions do) until it
     has ``tokens`` positions, so any aspect ratio maps exactly."""
@@ -113,8 +114,8 @@ def mask_grid(mask: torch.Tensor, tokens: int, latent_hw: tuple[int, int]) -> to
         h, w = (h + 1) // 2, (w + 1) // 2
     if h * w != tokens:
         raise ValueError(f"attn_mask: no token grid of {tokens} positions fits a latent of {latent_hw[0]}x{latent_hw[1]}")
-    grid = torch.nn.functional.interpolate(mask[None, None].float(), size=(h, w), mode="bilinear")
-    return grid.reshape(tokens, 1)
+    grid = torch.nn.functional.interpolate(mask[:, None].float(), size=(h, w), mode="bilinear")
+    return grid.reshape(mask.shape[0], tokens, 1)
 
 
 def attention_form(device: torch.device, tokens: int, heads: int, upcast: bool) -> str:
@@ -140,7 +141,7 @@ def add_image_term(form: str, q: torch.Tensor, out: torch.Tensor, kv: tuple[torc
                    scratch: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
     """out += sum_a factor_a * Attn(q, K_a, V_a) for one token group, in ``form``: ``q`` and ``out`` are head-major
     views [B, H, N, d]; ``kv`` is laid out for the form (``DecoupledCrossAttention._kv``); ``factor``
-    [A, N or 1, 1] or None. The product forms write scores and probabilities into ``scratch``, two flat
+    [B or 1, A, N or 1, 1] or None. The product forms write scores and probabilities into ``scratch``, two flat
     buffers of H*A*T*N values."""
     b, heads, n, d = q.shape
     if form == "key-major products":
@@ -150,7 +151,7 @@ def add_image_term(form: str, q: torch.Tensor, out: torch.Tensor, kv: tuple[torc
             torch.bmm(kv[0][row], q[row].transpose(1, 2), out=scores.view(heads, -1, n))
             torch.softmax(scores, 2, out=p)
             if factor is not None:
-                p.mul_(factor.transpose(1, 2))  # [A, 1, N or 1]
+                p.mul_(factor[row % len(factor)].transpose(1, 2))  # [A, 1, N or 1]
             out[row].baddbmm_(p.view(heads, -1, n).transpose(1, 2), kv[1][row])  # sums adapters together
     elif form == "head products":
         tokens = kv[0].shape[3] // adapters
@@ -159,7 +160,7 @@ def add_image_term(form: str, q: torch.Tensor, out: torch.Tensor, kv: tuple[torc
             torch.bmm(q[row], kv[0][row], out=scores.view(heads, n, -1))
             torch.softmax(scores, 3, out=p)
             if factor is not None:
-                p.mul_(factor.transpose(0, 1))  # [N or 1, A, 1]
+                p.mul_(factor[row % len(factor)].transpose(0, 1))  # [N or 1, A, 1]
             out[row].baddbmm_(p.view(heads, n, -1), kv[1][row])  # sums adapters together
     elif form == "per adapter" or adapters == 1:
         for a, (k_ip, v_ip) in enumerate(zip(kv[0].split(heads, 1), kv[1].split(heads, 1))):
@@ -167,12 +168,12 @@ def add_image_term(form: str, q: torch.Tensor, out: torch.Tensor, kv: tuple[torc
             if factor is None:
                 out.add_(term)  # one kernel
             else:
-                out.addcmul_(term, factor[a])  # one kernel: mask and sigma gate in one factor
+                out.addcmul_(term, factor[:, a, None])  # one kernel: mask and sigma gate in one factor
     else:  # A adapters as extra heads of one attention call: [B, A*H, N, d]
         queries = q.unsqueeze(1).expand(b, adapters, heads, n, d).reshape(b, -1, n, d)
         term = _sdpa(queries, *kv, upcast).view(b, adapters, heads, n, d)
         if factor is not None:
-            term.mul_(factor[:, None])  # [A, 1, N or 1, 1] over [B, A, H, N, d]
+            term.mul_(factor[:, :, None])  # [B or 1, A, 1, N or 1, 1] over [B, A, H, N, d]
         out.add_(term.sum(1))
 
 
@@ -225,7 +226,7 @@ class DecoupledCrossAttention:
         upcast = precision is torch.float32 and q.dtype != torch.float32  # the model asks for fp32 attention
         for group in self.groups[layer]:
             tokens = self.adapters[group[0]].cond_tokens.shape[1]
-            factor = self._factor(group, n, options, q.device, q.dtype)
+            factor = self._factor(group, n, options, q.device, q.dtype, len(flags), rows, frames)
             form = attention_form(q.device, tokens, heads, upcast)
             on_cpu = form != "extra heads"  # there reading a tensor back costs nothing, and skipped rows are saved time
             if on_cpu and factor is not None and not factor.any():
@@ -248,26 +249,36 @@ class DecoupledCrossAttention:
                 q_rows = q.index_select(1, masked)
                 term = torch.zeros_like(q_rows)
                 add_image_term(form, head_major(q_rows, heads), head_major(term, heads), kv,
-                               factor.index_select(1, masked), len(group), upcast, scratch)
+                               factor.index_select(2, masked), len(group), upcast, scratch)
                 out.index_add_(1, masked, term)
         return out
 
-    def _factor(self, group, tokens, options, device, dtype):
+    def _factor(self, group, tokens, options, device, dtype, chunks, rows, frames):
         """None when no adapter of ``group`` has a mask or sigma range; else what multiplies their image terms,
-        [A, tokens or 1, 1]: each adapter's mask on this layer's token grid (or 1), times 0 or 1 for its sigma
-        range. The range is compared on the device (no host sync), once per step: a step is one ``sigmas``
-        tensor."""
+        [B or 1, A, tokens or 1, 1]: each adapter's mask on this layer's token grid (or 1), for the frame of each
+        batch row when some adapter has masks per frame (``chunks`` chunks of ``rows`` latents, frames 0..rows-1
+        or the window's ``frames``), times 0 or 1 for its sigma range. The range is compared on the device (no
+        host sync), once per step: a step is one ``sigmas`` tensor."""
         adapters = [self.adapters[i] for i in group]
         if all(a.mask is None and a.sigma_range is None for a in adapters):
             return None
         latent_hw = tuple(options["original_shape"][-2:])
-        key = ("factor", group, tokens, latent_hw, device, dtype)
-        if key not in self._batched:
-            rows = tokens if any(a.mask is not None for a in adapters) else 1
-            grids = [torch.ones(rows, 1) if a.mask is None else mask_grid(a.mask, tokens, latent_hw) for a in adapters]
-            self._batched[key] = torch.stack(grids).to(device, dtype)
+        grids = self._mask_grids(group, tokens, latent_hw, device, dtype)  # [A, F, tokens or 1, 1]
+        per_frame = grids.shape[1] > 1
+        key = ("factor", group, tokens, latent_hw, device, dtype) + ((chunks, rows, frames) if per_frame else ())
+        if key in self._batched:
+            factor = self._batched[key]
+        else:
+            factor = grids.transpose(0, 1)  # [1, A, tokens or 1, 1]
+            if per_frame:
+                last = grids.shape[1] - 1
+                pick = torch.tensor([min(f, last) for _ in range(chunks) for f in frames or range(rows)],
+                                    device=device)
+                factor = factor.index_select(0, pick)
+            if not (per_frame and frames):  # windows vary from step to step: their factors are not kept
+                self._batched[key] = factor
         if all(a.sigma_range is None for a in adapters):
-            return self._batched[key]
+            return factor
         sigmas, gated = self._step
         if sigmas is not options["sigmas"]:
             sigmas, gated = self._step = (options["sigmas"], {})
@@ -279,8 +290,21 @@ class DecoupledCrossAttention:
                         [a.sigma_range or (float("inf"), float("-inf")) for a in adapters], device=device)
                 high, low = self._batched[ranges_key].unbind(1)
                 gated[group] = ((sigmas[:1] <= high) & (sigmas[:1] >= low)).to(dtype)[:, None, None]
-            gated[key] = self._batched[key] * gated[group]
+            gated[key] = factor * gated[group]
         return gated[key]
+
+    def _mask_grids(self, group, tokens, latent_hw, device, dtype):
+        """Each adapter's masks on this layer's token grid, [A, F, tokens or 1, 1]: F the most masks an adapter of
+        ``group`` has (an adapter's last mask repeated after its own), ones for an adapter without a mask."""
+        key = ("grids", group, tokens, latent_hw, device, dtype)
+        if key not in self._batched:
+            masks = [self.adapters[i].mask for i in group]
+            count = max((len(m) for m in masks if m is not None), default=1)
+            rows = tokens if any(m is not None for m in masks) else 1
+            grids = [torch.ones(1, rows, 1) if m is None else mask_grid(m, tokens, latent_hw) for m in masks]
+            self._batched[key] = torch.stack([g[torch.arange(count).clamp(max=len(g) - 1)] for g in grids]).to(
+                device, dtype)
+        return self._batched[key]
 
     def _scratch(self, size, like):
         """Two flat buffers of ``size`` values (``like``'s device and dtype) for the products' scores and
@@ -293,16 +317,16 @@ class DecoupledCrossAttention:
         return tuple(x[:size] for x in self._batched[key])
 
     def _masked_rows(self, group, tokens, options, device, dtype):
-        """The query rows [M] where some adapter of ``group`` has a mask above 0, when every adapter has a mask
-        and they cover at most ``MASKED_ROWS_MAX_SHARE`` of the rows; else None (all rows). Read from the mask
-        grids ``_factor`` made for this layer."""
+        """The query rows [M] where some adapter of ``group`` has a mask above 0 (on any frame), when every adapter
+        has a mask and they cover at most ``MASKED_ROWS_MAX_SHARE`` of the rows; else None (all rows). Read from
+        the mask grids ``_factor`` used for this layer."""
         if any(self.adapters[i].mask is None for i in group):
             return None
         latent_hw = tuple(options["original_shape"][-2:])
         key = ("rows", group, tokens, latent_hw, device)
         if key not in self._batched:
-            grids = self._batched[("factor", group, tokens, latent_hw, device, dtype)]  # [A, tokens, 1]
-            rows = (grids.amax(0)[:, 0] > 0).nonzero()[:, 0]
+            grids = self._mask_grids(group, tokens, latent_hw, device, dtype)  # [A, F, tokens, 1]
+            rows = (grids.amax((0, 1))[:, 0] > 0).nonzero()[:, 0]
             self._batched[key] = rows if len(rows) <= MASKED_ROWS_MAX_SHARE * tokens else None
         return self._batched[key]
 

@@ -203,9 +203,9 @@ def adapter_spec(model, adapter: LoadedAdapter, cond: torch.Tensor, uncond: torc
         sigma_range = (float(sampling.percent_to_sigma(start_at)), float(sampling.percent_to_sigma(end_at)))
     mask = None
     if attn_mask is not None:
-        if attn_mask.ndim not in (2, 3) or (attn_mask.ndim == 3 and attn_mask.shape[0] != 1):
-            raise ValueError(f"attn_mask: expected one MASK [1, H, W], got shape {tuple(attn_mask.shape)}")
-        mask = attn_mask.reshape(attn_mask.shape[-2:]).float().clamp(0, 1)
+        if attn_mask.ndim not in (2, 3) or 0 in attn_mask.shape:
+            raise ValueError(f"attn_mask: expected a MASK [frames, H, W], got shape {tuple(attn_mask.shape)}")
+        mask = attn_mask.reshape(-1, *attn_mask.shape[-2:]).float().clamp(0, 1)
     file = adapter.file
     ids = range(1, 2 * len(file.layer_widths), 2)
     return AdapterSpec(cond, uncond, tuple(file.ip_adapter[f"{i}.to_k_ip.weight"] for i in ids),
@@ -255,7 +255,8 @@ UNFOLD_INPUT = io.Boolean.Input("unfold_batch", default=False,
 NEGATIVE_INPUT = io.Image.Input("image_negative", optional=True,
                                 tooltip="An image whose look to steer away from (replaces the neutral uncond image).")
 MASK_INPUT = io.Mask.Input("attn_mask", optional=True,
-                           tooltip="Where the reference applies (white) in the generated image; any size.")
+                           tooltip="Where the reference applies (white) in the generated image; any size. A batch "
+                                   "of masks gives mask i to latent (frame) i, the last one to the frames after it.")
 CLIP_VISION_INPUT = io.ClipVision.Input(
     "clip_vision", optional=True,
     tooltip="The CLIP vision encoder the adapter was trained with (the error names it if another is connected); "
@@ -475,13 +476,14 @@ class ImagePromptTiled(io.ComfyNode):
         crops, masks = prep.tiles(prep.as_rgb(image))
         tiles = torch.stack([prep.prepare(crop, size, "center", "bicubic", sharpening) for crop in crops])
         for tile, mask in zip(tiles, masks):
-            if attn_mask is not None:
-                outer = torch.nn.functional.interpolate(attn_mask.reshape(1, 1, *attn_mask.shape[-2:]).float(),
-                                                        size=mask.shape, mode="bilinear")
-                mask = mask * outer.reshape(mask.shape)
+            mask = mask[None]
+            if attn_mask is not None:  # [frames, H, W] on the tile's area
+                outer = torch.nn.functional.interpolate(attn_mask.reshape(-1, 1, *attn_mask.shape[-2:]).float(),
+                                                        size=mask.shape[-2:], mode="bilinear")
+                mask = mask * outer[:, 0]
             model = apply_adapter(model, ipadapter, clip_vision, tile, weight, combine_embeds, image_negative,
                                   weight_type=weight_type, start_at=start_at, end_at=end_at,
-                                  embeds_scaling=embeds_scaling, attn_mask=mask[None])
+                                  embeds_scaling=embeds_scaling, attn_mask=mask)
         return io.NodeOutput(model, tiles.flatten(0, 1), masks)
 
 

@@ -229,7 +229,7 @@ def test_regions_patch_each_reference_on_its_mask_and_mask_the_prompts(host, par
                      combine_embeds="concat", embeds_scaling="V only", clip_vision=clip_vision)
     specs = adapters_of(patched)
     assert [s.layer_weights[0] for s in specs] == [0.9, 0.5]
-    assert torch.equal(specs[0].mask, left[0]) and torch.equal(specs[1].mask, 1 - left[0])
+    assert torch.equal(specs[0].mask, left) and torch.equal(specs[1].mask, 1 - left)
 
 
 def test_tiled_reference_gives_each_tile_its_share_of_the_image(host, parts):
@@ -239,7 +239,15 @@ def test_tiled_reference_gives_each_tile_its_share_of_the_image(host, parts):
                                 sharpening=0.0, embeds_scaling="V only", clip_vision=clip_vision)
     assert tiles.shape == (3, 224, 224, 3) and masks.shape == (3, 100, 300)
     specs = adapters_of(patched)
-    assert len(specs) == 3 and [torch.equal(s.mask, m) for s, m in zip(specs, masks)] == [True] * 3
+    assert len(specs) == 3 and [torch.equal(s.mask, m[None]) for s, m in zip(specs, masks)] == [True] * 3
+    # a mask per frame, at another size: each tile's mask on each frame
+    frames = torch.stack([torch.ones(50, 150), torch.full((50, 150), 0.5)])
+    patched, _, masks = run(host, "ImagePromptTiled", model=model, ipadapter=adapter, image=image(12, 100, 300),
+                            weight=1.0, weight_type="linear", combine_embeds="concat", start_at=0.0, end_at=1.0,
+                            sharpening=0.0, embeds_scaling="V only", clip_vision=clip_vision, attn_mask=frames)
+    for spec, tile in zip(adapters_of(patched), masks):
+        assert spec.mask.shape == (2, 100, 300)
+        assert torch.equal(spec.mask[0], tile) and torch.allclose(spec.mask[1], 0.5 * tile)
 
 
 def test_block_maps_need_a_known_layout_and_say_so(host, parts):

@@ -287,6 +287,48 @@ def test_attention_mask_matches_diffusers_masks(tiny, tmp_path, monkeypatch, for
     assert (ours - unmasked).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("form", FORMS)
+def test_masks_per_frame_match_diffusers_masks_per_batch_row(tiny, tmp_path, monkeypatch, form):
+    """Two plus adapters (one attention group) over three frames (latents) per chunk: the first with two masks
+    (frame 0 the first, frames 1 and 2 the last), the second with three; diffusers takes one mask per batch row.
+    Together they cover half the image (on the CPU's forms only those rows are attended)."""
+    force_form(tiny, monkeypatch, form)
+    g = torch.Generator().manual_seed(13)
+    x, t, context = torch.randn(6, 4, 8, 8, generator=g), torch.full((6,), 421.0), torch.randn(6, 77, 768, generator=g)
+    frames = torch.zeros(2, 8, 8)
+    frames[0, :, :2] = 1.0
+    frames[1, :, 2:4] = 0.7
+    corners = torch.zeros(3, 8, 8)
+    corners[:2, :4, :4] = 1.0
+    corners[2, 4:, :4] = 1.0
+
+    adapters = [tiny.adapter("ip-adapter-plus_sd15", seed, tmp_path) for seed in (131, 132)]
+    references = [(embeds_for(a.variant, g), embeds_for(a.variant, g)) for a, _ in adapters]
+
+    def stacked(first_masks):
+        patched, twins = tiny.model, []
+        for (adapter, state), (cond, uncond), weight, mask in zip(adapters, references, (1.0, 0.6),
+                                                                  (first_masks, corners)):
+            patched = tiny.patch.patch_model(patched, adapter, tiny.node_spec(adapter, cond, uncond, weight,
+                                                                             attn_mask=mask))
+            embeds = torch.cat([uncond.expand(3, -1, -1), cond.expand(3, -1, -1)]).unsqueeze(1)  # one per row
+            per_row = mask[torch.tensor([0, 1, 2, 0, 1, 2]).clamp(max=len(mask) - 1)]
+            twins.append((state, weight, embeds, per_row[:, None]))
+        return patched, twins
+
+    patched, twins = stacked(frames)
+    ours = tiny.run_host(patched, x, t, context, [1, 0])  # rows: uncond frames 0, 1, 2; cond frames 0, 1, 2
+    layer = next(iter(patched.model_options["transformer_options"]["patches_replace"]["attn2"].values()))
+    covered = {key[2]: len(rows) for key, rows in layer._batched.items() if key[0] == "rows" and rows is not None}
+    assert form == "extra heads" or covered and all(2 * rows == tokens for tokens, rows in covered.items())
+    states, weights, embeds, masks = zip(*twins)
+    theirs = tiny.run_diffusers(list(states), list(weights), list(embeds), x, t, context, masks=list(masks))
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-4)
+    first_mask_only = tiny.run_host(stacked(frames[:1])[0], x, t, context, [1, 0])
+    torch.testing.assert_close(first_mask_only[[0, 3]], ours[[0, 3]], rtol=0, atol=1e-6)  # frame 0: its own mask
+    assert (first_mask_only[[1, 2, 4, 5]] - ours[[1, 2, 4, 5]]).abs().max() > 1e-3
+
+
 def test_start_and_end_gate_the_adapter_by_sigma(tiny, tmp_path):
     x, t, context, g = inputs(8)
     adapter, _ = tiny.adapter("ip-adapter_sd15", 81, tmp_path)
