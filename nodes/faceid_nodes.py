@@ -17,7 +17,8 @@ from comfy_api.latest import io
 from ..ipadapter_core import prep
 from ..ipadapter_core.variants import ENCODERS, FACEID_PRESETS, PUBLIC_FILES, files_named_like, preset_variant
 from .ipadapter_nodes import (CATEGORY, CLIP_VISION_INPUT, COMBINE_INPUT, END_INPUT, MASK_INPUT, NEGATIVE_INPUT,
-                              REUSE_INPUT, SCALING_INPUT, START_INPUT, WEIGHT_TYPE_INPUT, Adapter, Embeds,
+                              REUSE_INPUT, SCALING_INPUT, START_INPUT, UNFOLD_LATER_INPUT, WEIGHT_TYPE_INPUT, Adapter,
+                              Embeds,
                               LoadedAdapter, apply_tokens, clip_vision_for, encode_images, find_adapter,
                               find_clip_vision, image_tokens, model_base, model_inputs, neutral_embeds, weight_input)
 
@@ -102,14 +103,15 @@ class ImagePromptFaceID(io.ComfyNode):
                                       tooltip="From Load InsightFace (or the FaceID unified loader's)."),
                     Embeds.Input("face_embeds", optional=True,
                                  tooltip="Face embeddings [n, 512] from another node, used instead of InsightFace; "
-                                         "an empty batch means no face.")],
+                                         "an empty batch means no face."),
+                    UNFOLD_LATER_INPUT],
             outputs=[io.Model.Output(), io.Image.Output(display_name="face_image")],
         )
 
     @classmethod
     def execute(cls, model, ipadapter: LoadedAdapter, image, weight, weight_faceidv2, weight_type, combine_embeds,
                 start_at, end_at, embeds_scaling, on_no_face, image_negative=None, attn_mask=None, clip_vision=None,
-                insightface=None, face_embeds=None) -> io.NodeOutput:
+                insightface=None, face_embeds=None, unfold_batch=False) -> io.NodeOutput:
         variant, name = ipadapter.file.variant, ipadapter.file.name
         if variant.encoder_output != "face":
             raise ValueError(f"ipadapter: {name} ({variant.name}) is not a FaceID adapter; use Apply IP-Adapter")
@@ -121,6 +123,9 @@ class ImagePromptFaceID(io.ComfyNode):
             if insightface is None:
                 raise ValueError("insightface: connect Load InsightFace, or give face_embeds [n, 512]")
             faces, face_image = detect_faces(insightface, image)
+            if unfold_batch and 0 < faces.shape[0] < image.shape[0]:
+                raise ValueError(f"image: a face in {faces.shape[0]} of {image.shape[0]} frames; unfold_batch gives "
+                                 f"frame i its own face, so every frame needs one (or give face_embeds)")
         if faces.shape[0] == 0:
             if on_no_face == "skip":
                 logging.warning("Apply IP-Adapter FaceID: no face found; the model is passed on unchanged")
@@ -136,7 +141,7 @@ class ImagePromptFaceID(io.ComfyNode):
             hidden = encode_images(ipadapter, clip_vision, crops, "penultimate", "image", variant.clip_encoder)
             clip_hidden = (hidden, neutral_embeds(ipadapter, clip_vision, hidden, "penultimate", variant.clip_encoder))
         cond, uncond = image_tokens(ipadapter, faces, uncond if uncond is not None and uncond.shape[0] else None,
-                                    combine_embeds, clip_hidden=clip_hidden, shortcut_scale=weight_faceidv2)
+                                    combine_embeds, unfold_batch, clip_hidden, weight_faceidv2)
         patched = apply_tokens(model, ipadapter, cond, uncond, weight, weight_type=weight_type, start_at=start_at,
                                end_at=end_at, embeds_scaling=embeds_scaling, attn_mask=attn_mask)
         return io.NodeOutput(patched, face_image)

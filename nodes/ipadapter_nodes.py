@@ -252,6 +252,8 @@ SCALING_INPUT = io.Combo.Input(
 UNFOLD_INPUT = io.Boolean.Input("unfold_batch", default=False,
                                 tooltip="Image i conditions latent i (animation frames) instead of every latent "
                                         "seeing all images; the batch cycles when it is longer.")
+# the same, on nodes that had no unfold_batch at first: optional, so that their saved graphs keep their widgets
+UNFOLD_LATER_INPUT = io.Boolean.Input("unfold_batch", default=False, optional=True, tooltip=UNFOLD_INPUT.tooltip)
 NEGATIVE_INPUT = io.Image.Input("image_negative", optional=True,
                                 tooltip="An image whose look to steer away from (replaces the neutral uncond image).")
 MASK_INPUT = io.Mask.Input("attn_mask", optional=True,
@@ -434,20 +436,21 @@ class ImagePromptStyleComposition(io.ComfyNode):
                                      tooltip="Give the style image every block but the layout ones "
                                              "(strong style transfer)."),
                     COMBINE_INPUT, START_INPUT, END_INPUT, SCALING_INPUT, NEGATIVE_INPUT, MASK_INPUT,
-                    CLIP_VISION_INPUT],
+                    CLIP_VISION_INPUT, UNFOLD_LATER_INPUT],
             outputs=[io.Model.Output()],
         )
 
     @classmethod
     def execute(cls, model, ipadapter: LoadedAdapter, image_style, image_composition, weight_style,
                 weight_composition, expand_style, combine_embeds, start_at, end_at, embeds_scaling,
-                image_negative=None, attn_mask=None, clip_vision=None) -> io.NodeOutput:
+                image_negative=None, attn_mask=None, clip_vision=None, unfold_batch=False) -> io.NodeOutput:
         options = dict(start_at=start_at, end_at=end_at, embeds_scaling=embeds_scaling, attn_mask=attn_mask)
         style = "strong style transfer" if expand_style else "style transfer"
         model = apply_adapter(model, ipadapter, clip_vision, image_style, weight_style, combine_embeds,
-                              image_negative, weight_type=style, **options)
+                              image_negative, unfold_batch, weight_type=style, **options)
         return io.NodeOutput(apply_adapter(model, ipadapter, clip_vision, image_composition, weight_composition,
-                                           combine_embeds, image_negative, weight_type="composition", **options))
+                                           combine_embeds, image_negative, unfold_batch, weight_type="composition",
+                                           **options))
 
 
 class ImagePromptTiled(io.ComfyNode):
@@ -464,13 +467,14 @@ class ImagePromptTiled(io.ComfyNode):
                     weight_input(), WEIGHT_TYPE_INPUT, COMBINE_INPUT, START_INPUT, END_INPUT,
                     io.Float.Input("sharpening", default=0.0, min=0.0, max=1.0, step=0.05,
                                    tooltip="Unsharp-mask amount applied to each tile after resizing."),
-                    SCALING_INPUT, NEGATIVE_INPUT, MASK_INPUT, CLIP_VISION_INPUT],
+                    SCALING_INPUT, NEGATIVE_INPUT, MASK_INPUT, CLIP_VISION_INPUT, UNFOLD_LATER_INPUT],
             outputs=[io.Model.Output(), io.Image.Output(display_name="tiles"), io.Mask.Output(display_name="masks")],
         )
 
     @classmethod
     def execute(cls, model, ipadapter: LoadedAdapter, image, weight, weight_type, combine_embeds, start_at, end_at,
-                sharpening, embeds_scaling, image_negative=None, attn_mask=None, clip_vision=None) -> io.NodeOutput:
+                sharpening, embeds_scaling, image_negative=None, attn_mask=None, clip_vision=None,
+                unfold_batch=False) -> io.NodeOutput:
         check_fit(ipadapter.file, cross_attention_layers(model)[0])
         size = ENCODERS[ipadapter.file.variant.encoder]["image_size"]
         crops, masks = prep.tiles(prep.as_rgb(image))
@@ -482,7 +486,7 @@ class ImagePromptTiled(io.ComfyNode):
                                                         size=mask.shape[-2:], mode="bilinear")
                 mask = mask * outer[:, 0]
             model = apply_adapter(model, ipadapter, clip_vision, tile, weight, combine_embeds, image_negative,
-                                  weight_type=weight_type, start_at=start_at, end_at=end_at,
+                                  unfold_batch, weight_type=weight_type, start_at=start_at, end_at=end_at,
                                   embeds_scaling=embeds_scaling, attn_mask=mask)
         return io.NodeOutput(model, tiles.flatten(0, 1), masks)
 

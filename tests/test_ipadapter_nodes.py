@@ -188,6 +188,29 @@ def test_faceid_from_an_embedding_and_what_happens_without_a_face(host, parts):
         run(host, "ImagePromptFaceID", on_no_face="error", face_embeds=face, **{**common, "ipadapter": parts[2]})
 
 
+def test_unfold_batch_on_faceid_and_tiled_gives_frame_i_its_own_reference(host, parts):
+    """Each node with unfold_batch: frame i's tokens are those the node gives image i alone. (Style &
+    Composition needs the full block layout: test_migrate runs its batch node on it.)"""
+    model, clip_vision, adapter = parts
+    (faceid,) = run(host, "ImagePromptAdapterLoader", ipadapter_file="tiny_ip-adapter-faceid_sd15.bin")
+    faces = torch.nn.functional.normalize(torch.randn(2, 512, generator=torch.Generator().manual_seed(9)), dim=-1)
+    face = dict(model=model, ipadapter=faceid, image=image(6), weight=1.0, weight_faceidv2=1.0, weight_type="linear",
+                combine_embeds="concat", start_at=0.0, end_at=1.0, embeds_scaling="V only", on_no_face="error")
+    tiled = dict(model=model, ipadapter=adapter, weight=1.0, weight_type="linear", combine_embeds="concat",
+                 start_at=0.0, end_at=1.0, sharpening=0.0, embeds_scaling="V only", clip_vision=clip_vision)
+    references = [image(20 + i, 64, 128) for i in range(2)]
+    cases = [("ImagePromptFaceID", face, "face_embeds", list(faces[:, None])),
+             ("ImagePromptTiled", tiled, "image", references)]
+    for node, common, name, frames in cases:
+        unfolded = adapters_of(run(host, node, unfold_batch=True, **common, **{name: torch.cat(frames)})[0])
+        alone = [adapters_of(run(host, node, **common, **{name: frame})[0]) for frame in frames]
+        assert len(unfolded) == len(alone[0]), node
+        for index, spec in enumerate(unfolded):  # one spec per tile for Tiled
+            expected = torch.cat([specs[index].cond_tokens for specs in alone])
+            assert spec.cond_tokens.shape[0] == 2, node
+            torch.testing.assert_close(spec.cond_tokens, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_faceid_plus_v2_encodes_the_face_with_clip_and_weighs_the_shortcut(host, parts):
     model, clip_vision, _ = parts
     (plus,) = run(host, "ImagePromptAdapterLoader", ipadapter_file="tiny_ip-adapter-faceid-plusv2_sd15.bin")

@@ -571,7 +571,15 @@ def test_widget_values_follow_that_packs_meaning():
         "5": api_node("IPAdapterUnifiedLoaderFaceID", preset="FACEID PORTRAIT (style transfer)", lora_strength=0.5,
                       provider="CUDA"),
         "6": api_node("PrepImageForClipVision", interpolation="BOX", crop_position="pad", sharpening=0.2),
+        "7": api_node("IPAAdapterFaceIDBatch", weight=0.9, weight_faceidv2=1.0, weight_type="linear",
+                      combine_embeds="concat", start_at=0.0, end_at=1.0, embeds_scaling="V only"),
+        "8": api_node("IPAdapterTiledBatch", weight=1.0, weight_type="linear", start_at=0.0, end_at=1.0,
+                      sharpening=0.0, embeds_scaling="V only", encode_batch_size=0),
+        "9": api_node("IPAdapterFaceID", weight=0.9, weight_faceidv2=1.0, weight_type="linear",
+                      combine_embeds="concat", start_at=0.0, end_at=1.0, embeds_scaling="V only"),
     })
+    # the batch nodes give image i to latent i; their single twins every image to every latent
+    assert [prompt[i]["inputs"]["unfold_batch"] for i in "789"] == [True, True, False]
     # that pack: composition_boost weighs the other blocks, weight the layout blocks
     assert prompt["1"]["class_type"] == "ImagePromptApplyAdvanced"
     assert {k: prompt["1"]["inputs"][k] for k in ("weight", "composition_weight", "weight_type", "combine_embeds")} \
@@ -581,6 +589,7 @@ def test_widget_values_follow_that_packs_meaning():
     # that pack's advanced node: a precise type's layout blocks get the weight itself
     assert prompt["3"]["inputs"]["composition_weight"] == 0.6
     assert prompt["4"]["inputs"]["expand_style"] is True and prompt["4"]["class_type"] == "ImagePromptStyleComposition"
+    assert prompt["4"]["inputs"]["unfold_batch"] is True
     assert prompt["5"]["inputs"]["preset"] == "FACEID PORTRAIT" and prompt["5"]["inputs"]["provider"] == "CUDA"
     assert prompt["6"]["inputs"] == {"interpolation": "area", "crop_position": "pad", "sharpening": 0.2,
                                      **{k: v for k, v in prompt["6"]["inputs"].items()
@@ -844,9 +853,12 @@ def api_style_composition() -> dict:
                        model=["sc", 0], image=["img", 0], **common),
         "pc": api_node("IPAdapterPreciseComposition", weight=0.6, composition_boost=0.3, combine_embeds="concat",
                        model=["ps", 0], image=["img", 0], **common),
+        "two": api_node("ImageBatch", image1=["img", 0], image2=["img", 0]),
+        "scb": api_node("IPAdapterStyleCompositionBatch", weight_style=0.7, weight_composition=0.5, expand_style=True,
+                        model=["pc", 0], image_style=["two", 0], image_composition=["two", 0], **common),
     })
     del prompt["ipa"]
-    return api_tail(prompt, ["pc", 0])
+    return api_tail(prompt, ["scb", 0])
 
 
 @pytest.mark.heavy
@@ -860,15 +872,16 @@ def test_migrated_style_and_precise_nodes_run_on_the_full_sd15_layout(tmp_path, 
     migrated, _ = map_to_stand_ins(migrated)
     migrated["ckpt"]["inputs"]["ckpt_name"] = "sd15_layout.ckpt"
     migrated["adp"]["inputs"]["ipadapter_file"] = "ip-adapter-plus_sd15.bin"  # the real 16-layer layout
-    migrated["lat"]["inputs"].update(width=64, height=64)
+    migrated["lat"]["inputs"].update(width=64, height=64, batch_size=2)  # the batch node: image i to latent i
     migrated["ks"]["inputs"]["steps"] = 1
     server = comfy_host.HostServer(tmp_path / "base", models_dir=models_dir)
     copy_example_images(server.base_dir / "input")
     with server:
         files = server.output_files(server.run_prompt(migrated))
-    assert len(files) == 1
-    with Image.open(files[0]) as image:
-        assert image.size == (64, 64)
+    assert len(files) == 2
+    for path in files:
+        with Image.open(path) as image:
+            assert image.size == (64, 64)
 
 
 def api_faceid() -> dict:
