@@ -95,14 +95,15 @@ def test_combine_modes():
                                                   ((9, 13), 35, (5, 7)), ((9, 13), 12, (3, 4)), ((9, 13), 4, (2, 2)),
                                                   ((128, 96), 768, (32, 24))])
 def test_mask_grid_matches_each_unet_level_at_any_aspect_ratio(latent, tokens, grid):
-    mask = torch.zeros(90, 130)
-    mask[:, :65] = 1.0  # left half
-    rows = mask_grid(mask, tokens, latent)
-    assert rows.shape == (tokens, 1)
-    left = rows.reshape(grid)[:, : grid[1] // 2]
-    assert torch.all(left > 0.4)
+    masks = torch.zeros(2, 90, 130)
+    masks[0, :, :65] = 1.0  # frame 0: the left half; frame 1: the right half
+    masks[1, :, 65:] = 1.0
+    rows = mask_grid(masks, tokens, latent)
+    assert rows.shape == (2, tokens, 1)
+    left, right = rows[0].reshape(grid)[:, : grid[1] // 2], rows[1].reshape(grid)[:, (grid[1] + 1) // 2:]
+    assert torch.all(left > 0.4) and torch.all(right > 0.4)
 
 
 def test_mask_grid_refuses_a_token_count_no_level_has():
     with pytest.raises(ValueError, match="no token grid of 50 positions fits a latent of 8x8"):
-        mask_grid(torch.ones(8, 8), 50, (8, 8))
+        mask_grid(torch.ones(1, 8, 8), 50, (8, 8))
