@@ -236,7 +236,8 @@ class DecoupledCrossAttention:
                 kv = self._kv(form, group, layer, flags, rows, heads, q.device, q.dtype)
             else:  # a window of an unfolded batch: the rows of the window's frames, from one cycle of the images
                 kv = self._kv(form, group, layer, flags, period, heads, q.device, q.dtype)
-                pick = self._window_pick(len(flags), period, frames, q.device)
+                pick = self._index(("window", len(flags), period, frames), q.device,
+                                   lambda: [c * period + f % period for c in range(len(flags)) for f in frames])
                 kv = tuple(x.index_select(0, pick) for x in kv)
             masked = self._masked_rows(group, n, options, q.device, q.dtype) if on_cpu and factor is not None else None
             scratch = None
@@ -272,8 +273,8 @@ class DecoupledCrossAttention:
             factor = grids.transpose(0, 1)  # [1, A, tokens or 1, 1]
             if per_frame:
                 last = grids.shape[1] - 1
-                pick = torch.tensor([min(f, last) for _ in range(chunks) for f in frames or range(rows)],
-                                    device=device)
+                pick = self._index(("mask frames", chunks, rows, frames, last), device,
+                                   lambda: [min(f, last) for _ in range(chunks) for f in frames or range(rows)])
                 factor = factor.index_select(0, pick)
             if not (per_frame and frames):  # windows vary from step to step: their factors are not kept
                 self._batched[key] = factor
@@ -337,13 +338,12 @@ class DecoupledCrossAttention:
             self._batched[key] = math.lcm(*(self.adapters[i].cond_tokens.shape[0] for i in group))
         return self._batched[key]
 
-    def _window_pick(self, chunks, period, frames, device):
-        """Rows [chunks * len(frames)] of a K/V layout made for frames 0..period-1 that hold ``frames``, chunk
-        by chunk."""
-        key = ("window", chunks, period, frames, device)
+    def _index(self, key, device, values):
+        """An index tensor of ``values()`` on ``device``, made once per ``key``: copying a fresh one to a GPU on
+        every call would wait for the GPU (a host sync)."""
+        key = ("index", key, device)
         if key not in self._batched:
-            self._batched[key] = torch.tensor([c * period + f % period for c in range(chunks) for f in frames],
-                                              device=device)
+            self._batched[key] = torch.tensor(values(), device=device)
         return self._batched[key]
 
     def _batched_kv(self, group, layer, flags, rows, heads, device, dtype):

@@ -78,3 +78,29 @@ def test_the_edit_guider_bench_counts_each_guider_on_the_host_device(host, need_
     dual = rows["host DualCFGGuider"]["syncs"]
     assert rows["ours"]["syncs"] <= dual
     assert rows["ours, interval 0-0.3, step outside"]["syncs"] <= dual + 1
+
+
+@pytest.mark.parametrize("form", ["extra heads", "head products"])
+def test_a_window_of_the_frames_adds_only_its_row_selections(monkeypatch, form):
+    """An unfolded adapter with masks per frame, called on a window of the frames (frames 2..5 of 8): beside
+    the call on frames 0..3 it adds three selections (its K and V rows, its mask rows) and makes no index
+    tensor from host data per call (on a GPU, each such copy waits for the GPU)."""
+    from bench.dispatch_budget import aten_ops
+    from ipadapter_core import attention
+    monkeypatch.setattr(attention, "attention_form", lambda *_: form)
+    g = torch.Generator().manual_seed(0)
+    masks = torch.rand(5, 8, 8, generator=g)
+    spec = attention.AdapterSpec(torch.randn(3, 16, 32, generator=g), torch.randn(3, 16, 32, generator=g),
+                                 (torch.randn(64, 32, generator=g),), (torch.randn(64, 32, generator=g),), (1.0,),
+                                 mask=masks)
+    q, text = torch.randn(8, 64, 64, generator=g), torch.randn(8, 7, 64, generator=g)
+    options = {"n_heads": 4, "block": ("input", 1), "block_index": 0, "original_shape": [8, 4, 8, 8]}
+
+    def call(frames):
+        patch = attention.DecoupledCrossAttention(lambda q, k, v, heads, **_: torch.zeros_like(q),
+                                                  {("input", 1, 0): 0}, (spec,), lambda _: (True, False),
+                                                  lambda _, rows: frames)
+        return lambda: patch(q, text, text, options)
+    plain, window = aten_ops(call(None)), aten_ops(call((2, 3, 4, 5)))
+    assert window - plain == {"aten::index_select": 3}
+    assert "aten::lift_fresh" not in window
