@@ -141,7 +141,8 @@ class ImagePromptFaceID(io.ComfyNode):
             hidden = encode_images(ipadapter, clip_vision, crops, "penultimate", "image", variant.clip_encoder)
             clip_hidden = (hidden, neutral_embeds(ipadapter, clip_vision, hidden, "penultimate", variant.clip_encoder))
         cond, uncond = image_tokens(ipadapter, faces, uncond if uncond is not None and uncond.shape[0] else None,
-                                    combine_embeds, unfold_batch, clip_hidden, weight_faceidv2)
+                                    combine_embeds, unfold=unfold_batch, clip_hidden=clip_hidden,
+                                    shortcut_scale=weight_faceidv2)
         patched = apply_tokens(model, ipadapter, cond, uncond, weight, weight_type=weight_type, start_at=start_at,
                                end_at=end_at, embeds_scaling=embeds_scaling, attn_mask=attn_mask)
         return io.NodeOutput(patched, face_image)
