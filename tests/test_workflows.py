@@ -187,17 +187,16 @@ def test_api_client_script_uploads_runs_and_downloads(server, need_models, tmp_p
     assert refused.returncode == 1 and "no_such_adapter.safetensors" in refused.stderr
 
 
-def test_readme_names_every_model_file_and_image_the_workflows_use():
-    readme = (REPO_ROOT / "README.md").read_text()
+def test_workflows_page_names_every_workflow_and_the_model_files_it_uses():
+    page = (REPO_ROOT / "docs" / "workflows.md").read_text()
     for path in API_FILES:
         for node in json.loads(path.read_text()).values():
             key = MODEL_INPUTS.get(node["class_type"], (None,))[0]
             if key in node["inputs"]:
-                assert f"`{node['inputs'][key]}`" in readme, f"{path.name}: README does not list {node['inputs'][key]}"
-        assert f"| `{path.stem}` |" in readme, f"README's workflow table does not list {path.stem}"
+                assert f"`{node['inputs'][key]}`" in page, f"{path.name}: docs/workflows.md does not list {node['inputs'][key]}"
+        assert f"| `{path.stem}` |" in page, f"docs/workflows.md's workflow table does not list {path.stem}"
 
 
-def test_readme_node_reference_is_the_live_hosts(server):
-    readme = (REPO_ROOT / "README.md").read_text()
-    assert node_reference.current_section(readme) == node_reference.reference(server.get_json("/object_info")), \
-        "the README's node reference is stale: run python -m tools.node_reference"
+def test_docs_node_reference_is_the_live_hosts(server):
+    assert node_reference.NODES_PAGE.read_text() == node_reference.page(server.get_json("/object_info")), \
+        "docs/nodes.md is stale: run python -m tools.node_reference"

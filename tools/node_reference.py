@@ -1,7 +1,7 @@
-"""The README's node reference, written from a live host's ``GET /object_info`` so that it stays true.
+"""The node reference page, docs/nodes.md, written from a live host's ``GET /object_info`` so that it stays true.
 
-    python -m tools.node_reference           # rewrite the README section between its markers
-    python -m tools.node_reference --print   # print the section instead
+    python -m tools.node_reference           # rewrite docs/nodes.md
+    python -m tools.node_reference --print   # print the page instead
 
 Each of the pack's nodes: its display name and id, its description, every input in the host's order
 (type, default and range or choices, tooltip) and its outputs.
@@ -15,9 +15,13 @@ from pathlib import Path
 
 from . import comfy_host
 
-README = comfy_host.REPO_ROOT / "README.md"
-START = "<!-- node reference: written by tools/node_reference.py from the host's /object_info -->"
-END = "<!-- end of node reference -->"
+NODES_PAGE = comfy_host.REPO_ROOT / "docs" / "nodes.md"
+PAGE_HEAD = """# Node reference
+
+Part of [comfyui-ipadapter-edit](../README.md). Written by `python -m tools.node_reference` from a live host's
+`/object_info` (edits by hand are overwritten): every node of the pack with its inputs, in the host's order, and
+its outputs.
+"""
 MAX_LISTED_CHOICES = 8
 
 
@@ -51,7 +55,7 @@ def input_kind(spec: list) -> str:
 
 
 def node_section(info: dict) -> str:
-    lines = [f"### {info['display_name'] or info['name']} (`{info['name']}`)", "", _cell(info.get("description", "")), "",
+    lines = [f"## {info['display_name'] or info['name']} (`{info['name']}`)", "", _cell(info.get("description", "")), "",
              "| input | type | what it does |", "|---|---|---|"]
     for section in ("required", "optional"):
         for name in info.get("input_order", {}).get(section, []):
@@ -64,31 +68,20 @@ def node_section(info: dict) -> str:
     return "\n".join(lines)
 
 
-def reference(object_info: dict) -> str:
-    return "\n".join([START, "", *(node_section(info) for info in pack_nodes(object_info)), END])
-
-
-def replace_section(readme: str, section: str) -> str:
-    if START not in readme or END not in readme:
-        raise ValueError(f"README.md has no node reference markers ({START} ... {END})")
-    head, rest = readme.split(START, 1)
-    return head + section + rest.split(END, 1)[1]
-
-
-def current_section(readme: str) -> str:
-    return START + readme.split(START, 1)[1].split(END, 1)[0] + END
+def page(object_info: dict) -> str:
+    return "\n".join([PAGE_HEAD, *(node_section(info) for info in pack_nodes(object_info))])
 
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--print", action="store_true", help="print the section instead of writing README.md")
+    parser.add_argument("--print", action="store_true", help="print the page instead of writing docs/nodes.md")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="node-reference-") as base, comfy_host.HostServer(Path(base)) as server:
-        section = reference(server.get_json("/object_info"))
+        text = page(server.get_json("/object_info"))
     if args.print:
-        print(section)
+        print(text, end="")
     else:
-        README.write_text(replace_section(README.read_text(), section))
+        NODES_PAGE.write_text(text)
     return 0
 
 
