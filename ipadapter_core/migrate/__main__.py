@@ -1,0 +1,7 @@
+"""Runs the command line (cli.py)."""
+import sys
+
+from .cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
