@@ -1,5 +1,5 @@
 """The forms of the image attention on the CPU, on the layer shapes of SD1.5 (512 px) and SDXL (1024 px):
-each of ``attention.FORMS``, and which one ``attention_form`` picks on the CPU.
+each of ``attention_forms.FORMS``, and which one ``attention_plan`` picks on the CPU.
 
     .venv/bin/python -m bench.attention_forms --out bench/results/attention_forms.json
 
@@ -18,7 +18,7 @@ import torch
 
 from bench import harness
 from bench.patch_cost import interleave
-from ipadapter_core import attention
+from ipadapter_core import adapter_spec, attention, attention_forms
 
 # (model, query tokens N, width C, heads H): every distinct cross-attention shape at the model's usual size
 SHAPES = (("SD1.5 512", 4096, 320, 8), ("SD1.5 512", 1024, 640, 8), ("SD1.5 512", 256, 1280, 8),
@@ -28,10 +28,10 @@ CASES = ((4, 1), (4, 4), (6, 1), (16, 1), (16, 4), (32, 1), (64, 1), (257, 1))  
 
 def layer_call(width: int, heads: int, tokens: int, adapters: int, queries: int, generator):
     """A call of the replacement on one layer: a batch of 2 (uncond, cond) against ``adapters`` random adapters."""
-    specs = tuple(attention.AdapterSpec(torch.randn(1, tokens, 768, generator=generator),
-                                        torch.randn(1, tokens, 768, generator=generator),
-                                        (torch.randn(width, 768, generator=generator) / 28,),
-                                        (torch.randn(width, 768, generator=generator) / 28,), (1.0,))
+    specs = tuple(adapter_spec.AdapterSpec(torch.randn(1, tokens, 768, generator=generator),
+                                           torch.randn(1, tokens, 768, generator=generator),
+                                           (torch.randn(width, 768, generator=generator) / 28,),
+                                           (torch.randn(width, 768, generator=generator) / 28,), (1.0,))
                   for _ in range(adapters))
     q, text = torch.randn(2, queries, width, generator=generator), torch.randn(2, 77, width, generator=generator)
     text_result = torch.zeros_like(q)  # the image terms accumulate into it: memory already touched, as in a UNet
@@ -47,7 +47,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    chosen = attention.attention_form
+    chosen = attention.attention_plan
     generator = torch.Generator().manual_seed(0)
     rows = []
     for model, queries, width, heads in SHAPES:
@@ -55,21 +55,23 @@ def main(argv: list[str]) -> int:
             call = layer_call(width, heads, tokens, adapters, queries, generator)
 
             def forced(form, call=call):
+                plan = attention_forms.AttentionPlan(form, reads_back=True)  # the CPU's plan in each form
+
                 def run():
-                    attention.attention_form = lambda *_: form
+                    attention.attention_plan = lambda *_: plan
                     call()
                 return run
-            forms = attention.FORMS if adapters > 1 else attention.FORMS[1:]  # one adapter: extra heads is per adapter
-            times = interleave({form: forced(form) for form in forms}, args.rounds)
-            ms = {form: 1e3 * statistics.median(times[form]) for form in forms}
-            picked = chosen(torch.device("cpu"), tokens, heads, False)
+            forms = attention_forms.FORMS if adapters > 1 else attention_forms.FORMS[1:]  # one: extra heads = per adapter
+            times = interleave({form.name: forced(form) for form in forms}, args.rounds)
+            ms = {form.name: 1e3 * statistics.median(times[form.name]) for form in forms}
+            picked = chosen("cpu", tokens, False).form.name
             rows.append({"model": model, "queries": queries, "width": width, "heads": heads, "tokens": tokens,
                          "adapters": adapters, "ms": ms, "picked": picked, "fastest": min(ms, key=ms.get)})
             print(f"{model} N={queries} C={width} H={heads} T={tokens} A={adapters}: "
                   + ", ".join(f"{form} {t:.2f} ms" for form, t in ms.items()) + f"; picked {picked}", flush=True)
-    attention.attention_form = chosen
-    harness.write_result(args.out, {"rows": rows, "key_major_below_tokens": attention.KEY_MAJOR_BELOW_TOKENS,
-                                    "head_products_max_tokens": attention.HEAD_PRODUCTS_MAX_TOKENS,
+    attention.attention_plan = chosen
+    harness.write_result(args.out, {"rows": rows, "key_major_below_tokens": attention_forms.KEY_MAJOR_BELOW_TOKENS,
+                                    "head_products_max_tokens": attention_forms.HEAD_PRODUCTS_MAX_TOKENS,
                                     "rounds": args.rounds, "machine": harness.machine(),
                                     "command": "python -m bench.attention_forms " + " ".join(argv)})
     return 0

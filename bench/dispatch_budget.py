@@ -74,12 +74,12 @@ def attention_forms_of(device_type: str):
     """Our image attention takes the forms it takes on ``device_type`` (its forms differ between CPU and GPU),
     while running here."""
     attention = comfy_host.pack_module("ipadapter_core.attention")
-    chosen = attention.attention_form
-    attention.attention_form = lambda device, *rest: chosen(torch.device(device_type), *rest)
+    chosen = attention.attention_plan
+    attention.attention_plan = lambda _, *rest: chosen(device_type, *rest)
     try:
         yield
     finally:
-        attention.attention_form = chosen
+        attention.attention_plan = chosen
 
 
 def measure(case: str = "tiny", stacks=(1, 2, 4), implementation: str = "ours", forms_of: str = "cuda",

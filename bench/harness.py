@@ -79,15 +79,17 @@ class Implementations:
     def __post_init__(self):
         self.loader = comfy_host.pack_module("ipadapter_core.loader")
         self.projection = comfy_host.pack_module("ipadapter_core.projection")
-        self.glue = comfy_host.pack_module("nodes.ipadapter_nodes")
+        self.encode = comfy_host.pack_module("nodes.ipadapter_encode")
+        self.apply = comfy_host.pack_module("nodes.ipadapter_apply")
+        self.options = comfy_host.pack_module("ipadapter_core.apply_options").ApplyOptions
         self._ours, self._theirs, self._embeds = {}, {}, {}
 
     def _loaded(self, kind: str):
         if kind not in self._ours:
             models = factory.ensure(self.files[kind])
             adapter = self.loader.load_adapter(models / self.files[kind])
-            self._ours[kind] = self.glue.LoadedAdapter(adapter, self.projection.build_projection(adapter.variant,
-                                                                                                 adapter.image_proj))
+            self._ours[kind] = self.encode.LoadedAdapter(adapter, self.projection.build_projection(adapter.variant,
+                                                                                                   adapter.image_proj))
         return self._ours[kind]
 
     def embeds(self, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -99,8 +101,8 @@ class Implementations:
     def ours(self, model, kind: str, weight: float = 1.0, **options):
         """Our EMBEDS apply path (after the CLIP encode): project the embeds, build the spec, patch a clone."""
         loaded = self._loaded(kind)
-        return self.glue.apply_tokens(model, loaded, *self.glue.image_tokens(loaded, *self.embeds(kind)), weight,
-                                      **options)
+        return self.apply.apply_tokens(model, loaded, *self.encode.image_tokens(loaded, *self.embeds(kind)),
+                                       self.options.from_inputs(weight, **options))
 
     def cubiq(self, model, kind: str, weight: float = 1.0, attn_mask=None, start_at=0.0, end_at=1.0):
         """ComfyUI_IPAdapter_plus's IPAdapterEmbeds node on the same file and CLIP outputs."""

@@ -102,7 +102,7 @@ def forms_section() -> list[str]:
     forms = list(max((row["ms"] for row in result["rows"]), key=len))  # the module's order (FORMS)
     lines = [f"One call of the attn2 replacement per row (batch 2), its text attention left out; {result['rounds']} "
              f"interleaved rounds, median; {result['machine']}; `{result['command']}`. In bold: the form the CPU "
-             f"runs (`attention_form`); GPUs run extra heads.", "",
+             f"runs (`attention_plan`); GPUs run extra heads.", "",
              "| layer | image tokens × adapters | " + " | ".join(forms) + " |", "|---|---|" + "---|" * len(forms)]
     for row in result["rows"]:
         cells = [("–" if form not in row["ms"] else

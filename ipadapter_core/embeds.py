@@ -14,14 +14,18 @@ import torch
 COMBINE_MODES = ("concat", "add", "subtract", "average", "norm average", "max", "min")
 
 
+def check_combine_mode(mode: str) -> None:
+    if mode not in COMBINE_MODES:
+        raise ValueError(f"combine_embeds: '{mode}' is not one of {', '.join(COMBINE_MODES)}")
+
+
 def combine_embeds(embeds: torch.Tensor, mode: str) -> torch.Tensor:
     """[n, ...] -> [n, ...] for concat, else [1, ...].
 
     subtract: the first image minus the mean of the others; norm average: the mean of the
     embeddings each scaled to unit L2 norm, rescaled to their mean norm (so no image dominates by
     magnitude alone)."""
-    if mode not in COMBINE_MODES:
-        raise ValueError(f"combine_embeds: '{mode}' is not one of {', '.join(COMBINE_MODES)}")
+    check_combine_mode(mode)
     if mode == "concat" or embeds.shape[0] == 1:
         return embeds
     if mode == "add":

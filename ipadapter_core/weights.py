@@ -78,12 +78,16 @@ def _curve(kind: str, weight: float, block: str, t: int, blocks: int) -> float:
     return weight * DAMPING if block in weak else weight
 
 
+def check_weight_type(kind: str) -> None:
+    if kind not in WEIGHT_TYPES:
+        raise ValueError(f"weight_type: '{kind}' is not one of {', '.join(WEIGHT_TYPES)}")
+
+
 def layer_weights(kind: str, weight: float, layers: list[tuple[str, int]], blocks: int,
                   composition: float | None = None) -> LayerWeights:
     """Weights for ``layers`` ((block name, transformer index) per cross-attention layer) of a UNet with
     ``blocks`` attention blocks. ``composition`` is the weight of the layout blocks (default ``weight``)."""
-    if kind not in WEIGHT_TYPES:
-        raise ValueError(f"weight_type: '{kind}' is not one of {', '.join(WEIGHT_TYPES)}")
+    check_weight_type(kind)
     if kind in CURVES:
         return LayerWeights(tuple(_curve(kind, weight, b, t, blocks) for b, t in layers), (False,) * len(layers))
     layout = LAYOUT_BLOCKS.get(blocks)

@@ -3,7 +3,7 @@ from aiohttp import web
 from comfy_api.latest import ComfyExtension, io
 
 from ..ipadapter_core.migrate import TABLE_PATH, migrate
-from . import edit_nodes, embeds_nodes, faceid_nodes, ipadapter_nodes, region_nodes, schedule_nodes
+from . import apply_nodes, edit_nodes, embeds_nodes, faceid_nodes, loader_nodes, region_nodes, schedule_nodes
 
 _routes_added = False
 
@@ -36,6 +36,6 @@ def register_migration_routes() -> None:
 class ImagePromptEditExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
         register_migration_routes()
-        ipadapter_nodes.register_model_folder()
-        return [*ipadapter_nodes.NODES, *embeds_nodes.NODES, *faceid_nodes.NODES, *region_nodes.NODES,
+        loader_nodes.register_model_folder()
+        return [*loader_nodes.NODES, *apply_nodes.NODES, *embeds_nodes.NODES, *faceid_nodes.NODES, *region_nodes.NODES,
                 *schedule_nodes.NODES, *edit_nodes.NODES]

@@ -11,7 +11,8 @@ from comfy_api.latest import io
 from ..ipadapter_core import prep
 from ..ipadapter_core.embeds import COMBINE_MODES, EMBEDS_SUFFIXES, combine_embeds, load_embeds, save_embeds
 from ..ipadapter_core.variants import ENCODERS
-from .ipadapter_nodes import CATEGORY, CLIP_VISION_INPUT, Adapter, Embeds, LoadedAdapter, reference_embeds
+from .ipadapter_encode import LoadedAdapter, reference_embeds
+from .ipadapter_inputs import CATEGORY, CLIP_VISION_INPUT, Adapter, Embeds
 
 CROP_INPUT = io.Combo.Input("crop_position", options=list(prep.CROP_POSITIONS), default="center",
                             tooltip="Which square CLIP vision sees: a crop at this position, or 'pad' for the "

@@ -16,11 +16,13 @@ from comfy_api.latest import io
 
 from ..ipadapter_core import prep
 from ..ipadapter_core.variants import ENCODERS, FACEID_PRESETS, PUBLIC_FILES, files_named_like, preset_variant
-from .ipadapter_nodes import (CATEGORY, CLIP_VISION_INPUT, COMBINE_INPUT, END_INPUT, MASK_INPUT, NEGATIVE_INPUT,
-                              REUSE_INPUT, SCALING_INPUT, START_INPUT, UNFOLD_LATER_INPUT, WEIGHT_TYPE_INPUT, Adapter,
-                              Embeds,
-                              LoadedAdapter, apply_tokens, clip_vision_for, encode_images, find_adapter,
-                              find_clip_vision, image_tokens, model_base, model_inputs, neutral_embeds, weight_input)
+from ..ipadapter_core.apply_options import ApplyOptions
+from .ipadapter_apply import apply_tokens
+from .ipadapter_encode import LoadedAdapter, clip_vision_for, encode_images, image_tokens, neutral_embeds
+from .ipadapter_inputs import (CATEGORY, CLIP_VISION_INPUT, COMBINE_INPUT, END_INPUT, MASK_INPUT, NEGATIVE_INPUT,
+                               REUSE_INPUT, SCALING_INPUT, START_INPUT, UNFOLD_LATER_INPUT, WEIGHT_TYPE_INPUT, Adapter,
+                               Embeds, model_inputs, weight_input)
+from .loader_nodes import find_adapter, find_clip_vision, model_base
 
 InsightFace = io.Custom("INSIGHTFACE")
 PROVIDERS = ("CPU", "CUDA", "ROCM", "DirectML", "OpenVINO", "CoreML")
@@ -109,9 +111,9 @@ class ImagePromptFaceID(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model, ipadapter: LoadedAdapter, image, weight, weight_faceidv2, weight_type, combine_embeds,
-                start_at, end_at, embeds_scaling, on_no_face, image_negative=None, attn_mask=None, clip_vision=None,
-                insightface=None, face_embeds=None, unfold_batch=False) -> io.NodeOutput:
+    def execute(cls, model, ipadapter: LoadedAdapter, image, weight_faceidv2, on_no_face, clip_vision=None,
+                insightface=None, face_embeds=None, **inputs) -> io.NodeOutput:
+        options = ApplyOptions.from_inputs(**inputs)
         variant, name = ipadapter.file.variant, ipadapter.file.name
         if variant.encoder_output != "face":
             raise ValueError(f"ipadapter: {name} ({variant.name}) is not a FaceID adapter; use Apply IP-Adapter")
@@ -123,7 +125,7 @@ class ImagePromptFaceID(io.ComfyNode):
             if insightface is None:
                 raise ValueError("insightface: connect Load InsightFace, or give face_embeds [n, 512]")
             faces, face_image = detect_faces(insightface, image)
-            if unfold_batch and 0 < faces.shape[0] < image.shape[0]:
+            if options.unfold_batch and 0 < faces.shape[0] < image.shape[0]:
                 raise ValueError(f"image: a face in {faces.shape[0]} of {image.shape[0]} frames; unfold_batch gives "
                                  f"frame i its own face, so every frame needs one (or give face_embeds)")
         if faces.shape[0] == 0:
@@ -132,8 +134,8 @@ class ImagePromptFaceID(io.ComfyNode):
                 return io.NodeOutput(model, prep.as_rgb(image))
             raise ValueError("image: no face found in the face image (set on_no_face to 'skip' to continue without)")
         uncond = None
-        if image_negative is not None and insightface is not None and face_embeds is None:
-            uncond = detect_faces(insightface, image_negative)[0]
+        if options.image_negative is not None and insightface is not None and face_embeds is None:
+            uncond = detect_faces(insightface, options.image_negative)[0]
         clip_hidden = None
         if variant.projection == "faceid_plus":
             clip_vision = clip_vision_for(ipadapter, clip_vision, variant.clip_encoder)
@@ -141,10 +143,9 @@ class ImagePromptFaceID(io.ComfyNode):
             hidden = encode_images(ipadapter, clip_vision, crops, "penultimate", "image", variant.clip_encoder)
             clip_hidden = (hidden, neutral_embeds(ipadapter, clip_vision, hidden, "penultimate", variant.clip_encoder))
         cond, uncond = image_tokens(ipadapter, faces, uncond if uncond is not None and uncond.shape[0] else None,
-                                    combine_embeds, unfold=unfold_batch, clip_hidden=clip_hidden,
+                                    options.combine_embeds, unfold=options.unfold_batch, clip_hidden=clip_hidden,
                                     shortcut_scale=weight_faceidv2)
-        patched = apply_tokens(model, ipadapter, cond, uncond, weight, weight_type=weight_type, start_at=start_at,
-                               end_at=end_at, embeds_scaling=embeds_scaling, attn_mask=attn_mask)
+        patched = apply_tokens(model, ipadapter, cond, uncond, options)
         return io.NodeOutput(patched, face_image)
 
 

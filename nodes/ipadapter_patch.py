@@ -15,7 +15,8 @@ from dataclasses import dataclass
 import comfy.patcher_extension
 from comfy.ldm.modules.attention import optimized_attention
 
-from ..ipadapter_core.attention import AdapterSpec, DecoupledCrossAttention, LayerKey
+from ..ipadapter_core.adapter_spec import AdapterSpec
+from ..ipadapter_core.attention import DecoupledCrossAttention, LayerKey
 from ..ipadapter_core.loader import AdapterFile
 
 UNCOND_UUIDS = "image_prompt_uncond_uuids"  # key in transformer_options, set per sampling run

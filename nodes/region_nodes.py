@@ -1,14 +1,19 @@
 """Regions: reference images that each steer a masked region (with that region's text prompt)."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import node_helpers
 from comfy_api.latest import io
 
-from .ipadapter_nodes import (CATEGORY, CLIP_VISION_INPUT, COMBINE_INPUT, END_INPUT, NEGATIVE_INPUT, SCALING_INPUT,
-                              START_INPUT, WEIGHT_TYPE_INPUT, LoadedAdapter, apply_adapter, model_inputs)
+from ..ipadapter_core.apply_options import ApplyOptions
+from .ipadapter_apply import apply_adapter
+from .ipadapter_encode import LoadedAdapter
+from .ipadapter_inputs import (CATEGORY, CLIP_VISION_INPUT, COMBINE_INPUT, END_INPUT, NEGATIVE_INPUT, SCALING_INPUT,
+                               START_INPUT, WEIGHT_TYPE_INPUT, model_inputs)
 from .ipadapter_patch import check_fit, cross_attention_layers
 
-Params = io.Custom("IMAGE_PROMPT_PARAMS")  # a list of regions: dicts of image, weight, weight_type, start, end, mask
+Params = io.Custom("IMAGE_PROMPT_PARAMS")  # a list of regions: dicts of a reference "image" and its ApplyOptions
 
 
 class ImagePromptRegion(io.ComfyNode):
@@ -43,9 +48,9 @@ class ImagePromptRegion(io.ComfyNode):
             values = {"mask": mask, "set_area_to_bounds": False, "mask_strength": prompt_weight}
             positive = positive and node_helpers.conditioning_set_values(positive, values)
             negative = negative and node_helpers.conditioning_set_values(negative, values)
-        region = dict(image=image, weight=image_weight, weight_type=weight_type, start_at=start_at, end_at=end_at,
-                      attn_mask=mask)
-        return io.NodeOutput([region], positive, negative)
+        options = ApplyOptions.from_inputs(image_weight, weight_type=weight_type, start_at=start_at, end_at=end_at,
+                                           attn_mask=mask)
+        return io.NodeOutput([{"image": image, "options": options}], positive, negative)
 
 
 class ImagePromptCombineRegions(io.ComfyNode):
@@ -85,9 +90,9 @@ class ImagePromptApplyRegions(io.ComfyNode):
                 image_negative=None, clip_vision=None) -> io.NodeOutput:
         check_fit(ipadapter.file, cross_attention_layers(model)[0])
         for region in ipadapter_params:
-            region = dict(region)
-            model = apply_adapter(model, ipadapter, clip_vision, region.pop("image"), region.pop("weight"),
-                                  combine_embeds, image_negative, embeds_scaling=embeds_scaling, **region)
+            options = replace(region["options"], combine_embeds=combine_embeds, embeds_scaling=embeds_scaling,
+                              image_negative=image_negative)
+            model = apply_adapter(model, ipadapter, clip_vision, region["image"], options)
         return io.NodeOutput(model)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ..ipadapter_core.frames import METHODS, TIMINGS, FrameSchedule, parse_keys
-from .ipadapter_nodes import CATEGORY, weight_input
+from .ipadapter_inputs import CATEGORY, weight_input
 
 Strategy = io.Custom("IMAGE_PROMPT_WEIGHTS_STRATEGY")  # a FrameSchedule: what a Frame Weights node was set to
 

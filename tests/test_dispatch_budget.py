@@ -86,13 +86,15 @@ def test_a_window_of_the_frames_adds_only_its_row_selections(monkeypatch, form):
     the call on frames 0..3 it adds three selections (its K and V rows, its mask rows) and makes no index
     tensor from host data per call (on a GPU, each such copy waits for the GPU)."""
     from bench.dispatch_budget import aten_ops
-    from ipadapter_core import attention
-    monkeypatch.setattr(attention, "attention_form", lambda *_: form)
+    from ipadapter_core import adapter_spec, attention, attention_forms
+    from test_ipadapter_parity import forced_plan
+    plan = forced_plan(attention_forms, form)
+    monkeypatch.setattr(attention, "attention_plan", lambda *_: plan)
     g = torch.Generator().manual_seed(0)
     masks = torch.rand(5, 8, 8, generator=g)
-    spec = attention.AdapterSpec(torch.randn(3, 16, 32, generator=g), torch.randn(3, 16, 32, generator=g),
-                                 (torch.randn(64, 32, generator=g),), (torch.randn(64, 32, generator=g),), (1.0,),
-                                 mask=masks)
+    spec = adapter_spec.AdapterSpec(torch.randn(3, 16, 32, generator=g), torch.randn(3, 16, 32, generator=g),
+                                    (torch.randn(64, 32, generator=g),), (torch.randn(64, 32, generator=g),), (1.0,),
+                                    mask=masks)
     q, text = torch.randn(8, 64, 64, generator=g), torch.randn(8, 7, 64, generator=g)
     options = {"n_heads": 4, "block": ("input", 1), "block_index": 0, "original_shape": [8, 4, 8, 8]}
 

@@ -165,14 +165,14 @@ def test_controlnet_reaches_all_three_conditionings_in_one_batched_call(host, ed
 
 def test_ip_adapter_edit_matches_diffusers_pipeline(host, edit, need_models):
     need_models(f"ipadapter/{ADAPTER}", f"clip_vision/{CLIP_VISION}")
-    nodes = pack_module("nodes.ipadapter_nodes")
+    encode = pack_module("nodes.ipadapter_encode")
     c = case(16)
     (clip_vision,) = host.CLIPVisionLoader().load_clip(CLIP_VISION)
     (adapter,) = run_node(host, "ImagePromptAdapterLoader", ipadapter_file=ADAPTER)
     reference = torch.rand(1, 96, 128, 3, generator=torch.Generator().manual_seed(16))
     (patched,) = run_node(host, "ImagePromptApply", model=edit.model, ipadapter=adapter, clip_vision=clip_vision,
                           image=reference, weight=1.0)
-    cond, uncond = nodes.reference_embeds(adapter, clip_vision, reference)  # the CLIP outputs the Apply node reads
+    cond, uncond = encode.reference_embeds(adapter, clip_vision, reference)  # the CLIP outputs the Apply node reads
     twin = diffusers_twin(edit.model, dict(TINY_DIFFUSERS, in_channels=8))
     groups = torch.load(need_models() / "ipadapter" / ADAPTER, weights_only=True)
     twin._load_ip_adapter_weights([{g: {k: v.float() for k, v in sd.items()} for g, sd in groups.items()}])

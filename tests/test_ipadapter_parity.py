@@ -64,20 +64,20 @@ class Setup:
         with torch.no_grad():
             cond, uncond = proj(cond_embeds), proj(uncond_embeds)
         ids = range(1, 2 * len(adapter.layer_widths), 2)
-        return self.attention.AdapterSpec(cond.reshape(1, -1, cond.shape[-1]), uncond.reshape(1, -1, cond.shape[-1]),
+        return pack_module("ipadapter_core.adapter_spec").AdapterSpec(cond.reshape(1, -1, cond.shape[-1]), uncond.reshape(1, -1, cond.shape[-1]),
                                           tuple(adapter.ip_adapter[f"{i}.to_k_ip.weight"].float() for i in ids),
                                           tuple(adapter.ip_adapter[f"{i}.to_v_ip.weight"].float() for i in ids),
                                           (weight,) * len(adapter.layer_widths))
 
     def node_spec(self, adapter, cond_embeds, uncond_embeds, weight, **options):
         """The spec the Apply nodes build (weight types, sigma range, mask, embeds scaling)."""
-        nodes = pack_module("nodes.ipadapter_nodes")
-        loaded = nodes.LoadedAdapter(adapter, self.projection.build_projection(adapter.variant, adapter.image_proj))
+        loaded = pack_module("nodes.ipadapter_encode").LoadedAdapter(
+            adapter, self.projection.build_projection(adapter.variant, adapter.image_proj))
         with torch.no_grad():
             cond, uncond = loaded.projection(cond_embeds), loaded.projection(uncond_embeds)
         width = cond.shape[-1]
-        return nodes.adapter_spec(self.model, loaded, cond.reshape(1, -1, width), uncond.reshape(1, -1, width),
-                                  weight, **options)
+        return pack_module("nodes.ipadapter_apply").adapter_spec(
+            self.model, loaded, cond.reshape(1, -1, width), uncond.reshape(1, -1, width), apply_options(weight, **options))
 
     def stack_plus(self, entries, generator, tmp_path):
         """This model patched with one plus adapter per (seed, weight, node options) entry, through the Apply
@@ -116,14 +116,28 @@ def tiny(host, need_models):
     return Setup(host, "tiny_sd15.ckpt", TINY_DIFFUSERS, factory.TINY_SD15_WIDTHS)
 
 
-FORMS = ["extra heads", "per adapter", "key-major products", "head products"]  # attention.FORMS (each its own test)
+FORMS = ["extra heads", "per adapter", "key-major products", "head products"]  # attention_forms.FORMS (a test each)
+
+
+def apply_options(weight, **inputs):
+    """The ApplyOptions an apply node makes of these inputs."""
+    return pack_module("ipadapter_core.apply_options").ApplyOptions.from_inputs(weight, **inputs)
+
+
+def forced_plan(forms, form: str):
+    """A plan that runs ``form`` (a name) as its device runs it: the GPU's form reading nothing back, the CPU's
+    forms reading back (skipping gated-off groups, attending only a small mask's rows). ``forms``: the
+    attention_forms module."""
+    assert FORMS == [f.name for f in forms.FORMS]  # a new form gets its parity tests here
+    chosen, gpu = forms.FORMS[FORMS.index(form)], forms.attention_plan("cuda", 16, False)
+    return gpu if chosen is gpu.form else forms.AttentionPlan(chosen, reads_back=True)
 
 
 def force_form(tiny, monkeypatch, form: str):
     """Run the image attention in ``form`` whatever the device and token count: the CPU's forms and the GPU's
     ("extra heads") all run here, where only the CPU's would be chosen."""
-    assert tuple(FORMS) == tiny.attention.FORMS  # a new form gets its parity tests here
-    monkeypatch.setattr(tiny.attention, "attention_form", lambda device, tokens, heads, upcast: form)
+    plan = forced_plan(pack_module("ipadapter_core.attention_forms"), form)
+    monkeypatch.setattr(tiny.attention, "attention_plan", lambda device_type, tokens, upcast: plan)
 
 
 def inputs(seed=0):
@@ -277,7 +291,7 @@ def test_attention_mask_matches_diffusers_masks(tiny, tmp_path, monkeypatch, for
     patched = tiny.patch.patch_model(tiny.model, adapter, spec)
     ours = tiny.run_host(patched, x, t, context, [1, 0])
     layer = next(iter(patched.model_options["transformer_options"]["patches_replace"]["attn2"].values()))
-    covered = {key[2]: len(rows) for key, rows in layer._batched.items() if key[0] == "rows" and rows is not None}
+    covered = {grid.tokens: len(rows) for grid, rows in layer.factors._masked.items() if rows is not None}
     assert covered and all(2 * rows == tokens for tokens, rows in covered.items())  # the mask's half, per layer
     unmasked = tiny.run_host(tiny.patch.patch_model(tiny.model, adapter, tiny.spec(adapter, cond, uncond, 1.0)),
                              x, t, context, [1, 0])
@@ -319,7 +333,7 @@ def test_masks_per_frame_match_diffusers_masks_per_batch_row(tiny, tmp_path, mon
     patched, twins = stacked(frames)
     ours = tiny.run_host(patched, x, t, context, [1, 0])  # rows: uncond frames 0, 1, 2; cond frames 0, 1, 2
     layer = next(iter(patched.model_options["transformer_options"]["patches_replace"]["attn2"].values()))
-    covered = {key[2]: len(rows) for key, rows in layer._batched.items() if key[0] == "rows" and rows is not None}
+    covered = {grid.tokens: len(rows) for grid, rows in layer.factors._masked.items() if rows is not None}
     assert form == "extra heads" or covered and all(2 * rows == tokens for tokens, rows in covered.items())
     states, weights, embeds, masks = zip(*twins)
     theirs = tiny.run_diffusers(list(states), list(weights), list(embeds), x, t, context, masks=list(masks))
@@ -352,9 +366,8 @@ def test_the_cpu_skips_an_adapter_outside_its_sigma_range(tiny, tmp_path, monkey
     cond, uncond = embeds_for(adapter.variant, g), embeds_for(adapter.variant, g)
     gated = tiny.patch.patch_model(tiny.model, adapter, tiny.node_spec(adapter, cond, uncond, 1.0, end_at=0.5))
     forms = []
-    add_image_term = tiny.attention.add_image_term
-    monkeypatch.setattr(tiny.attention, "add_image_term",
-                        lambda form, *rest: forms.append(form) or add_image_term(form, *rest))
+    for form in pack_module("ipadapter_core.attention_forms").FORMS:
+        monkeypatch.setattr(form, "add", lambda *args, add=form.add, name=form.name: forms.append(name) or add(*args))
     sampling = tiny.model.get_model_object("model_sampling")
     tiny.run_host(gated, x, t, context, [1, 0], sigma=float(sampling.sigma_min))
     assert forms == []
@@ -408,17 +421,18 @@ def test_unfolded_batch_gives_each_latent_its_image_like_diffusers(tiny, tmp_pat
     g = torch.Generator().manual_seed(10)
     x, t, context = torch.randn(4, 4, 8, 8, generator=g), torch.full((4,), 421.0), torch.randn(4, 77, 768, generator=g)
     adapter, state = tiny.adapter("ip-adapter-plus_sd15", 101, tmp_path)
-    nodes = pack_module("nodes.ipadapter_nodes")
-    loaded = nodes.LoadedAdapter(adapter, tiny.projection.build_projection(adapter.variant, adapter.image_proj))
+    encode, apply = pack_module("nodes.ipadapter_encode"), pack_module("nodes.ipadapter_apply")
+    loaded = encode.LoadedAdapter(adapter, tiny.projection.build_projection(adapter.variant, adapter.image_proj))
     cond, uncond = embeds_for(adapter.variant, g, 2), embeds_for(adapter.variant, g, 2)
-    tokens = nodes.image_tokens(loaded, cond, uncond, unfold=True)
+    tokens = encode.image_tokens(loaded, cond, uncond, unfold=True)
     assert tokens[0].shape[0] == 2
-    patched = tiny.patch.patch_model(tiny.model, adapter, nodes.adapter_spec(tiny.model, loaded, *tokens, 1.0))
+    patched = tiny.patch.patch_model(tiny.model, adapter, apply.adapter_spec(tiny.model, loaded, *tokens,
+                                                                             apply_options(1.0)))
     ours = tiny.run_host(patched, x, t, context, cond_or_uncond=[1, 0])  # rows: uncond 0, 1; cond 0, 1
     theirs = tiny.run_diffusers([state], [1.0], [torch.cat([uncond, cond]).unsqueeze(1)], x, t, context)
     torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-4)
     # one weight per image: rows of image 0 as diffusers at scale 0.3, rows of image 1 at 1.2
-    weighted = nodes.adapter_spec(tiny.model, loaded, *tokens, [0.3, 1.2])
+    weighted = apply.adapter_spec(tiny.model, loaded, *tokens, apply_options([0.3, 1.2]))
     ours = tiny.run_host(tiny.patch.patch_model(tiny.model, adapter, weighted), x, t, context, cond_or_uncond=[1, 0])
     embeds = [torch.cat([uncond, cond]).unsqueeze(1)]
     low = tiny.run_diffusers([state], [0.3], embeds, x, t, context)
@@ -431,7 +445,7 @@ def test_written_block_weights_match_diffusers_per_layer_scales(tiny, tmp_path):
     x, t, context, g = inputs(11)
     adapter, state = tiny.adapter("ip-adapter_sd15", 111, tmp_path)
     cond, uncond = embeds_for(adapter.variant, g), embeds_for(adapter.variant, g)
-    spec = tiny.node_spec(adapter, cond, uncond, 2.0, block_weights="0:1.0, 2:0.25")
+    spec = tiny.node_spec(adapter, cond, uncond, 2.0, layer_weights="0:1.0, 2:0.25")
     expected = [2.0 * {0: 1.0, 2: 0.25}.get(b, 0.0) for b in TINY_BLOCKS]
     assert list(spec.layer_weights) == expected
     ours = tiny.run_host(tiny.patch.patch_model(tiny.model, adapter, spec), x, t, context, [1, 0])
@@ -440,7 +454,7 @@ def test_written_block_weights_match_diffusers_per_layer_scales(tiny, tmp_path):
     torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-4)
     with pytest.raises(ValueError, match=r"layer_weights: '7:1' is not 'index:weight' with an attention block index "
                                          r"0..3"):
-        tiny.node_spec(adapter, cond, uncond, 1.0, block_weights="7:1")
+        tiny.node_spec(adapter, cond, uncond, 1.0, layer_weights="7:1")
 
 
 SDXL_DIFFUSERS = dict(sample_size=128, in_channels=4, out_channels=4, cross_attention_dim=2048,

@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from test_ipadapter_parity import forced_plan
 from tools.comfy_host import pack_module
 
 pytestmark = pytest.mark.host
@@ -173,8 +174,8 @@ def test_an_unfolded_batch_keeps_each_frames_image_when_the_unet_runs_on_windows
     frame's prediction depends only on its latent, its image and its mask, whichever window computes it. In each
     form of the image attention (the GPU's too: forced here)."""
     import comfy.patcher_extension
-    monkeypatch.setattr(pack_module("ipadapter_core.attention"), "attention_form",
-                        lambda device, tokens, heads, upcast: form)
+    plan = forced_plan(pack_module("ipadapter_core.attention_forms"), form)
+    monkeypatch.setattr(pack_module("ipadapter_core.attention"), "attention_plan", lambda *_: plan)
     _, clip = patched
     model = host.CheckpointLoaderSimple().load_checkpoint("tiny_sd15.ckpt")[0]
     (clip_vision,) = host.CLIPVisionLoader().load_clip("CLIP-ViT-H-14-laion2B-s32B-b79K.pt")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ipadapter_core.attention import mask_grid
+from ipadapter_core.image_factor import mask_grid
 from ipadapter_core.embeds import combine_embeds
 from ipadapter_core.weights import WEIGHT_TYPES, layer_weights
 

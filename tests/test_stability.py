@@ -44,11 +44,13 @@ def test_plain_model_output_is_bit_identical_before_and_after_patched_runs(serve
 @pytest.mark.host
 def test_adapter_memory_is_released_once_the_patched_model_is_gone(host, need_models):
     need_models(*FILES)
-    attention = __import__("tools.comfy_host", fromlist=["pack_module"]).pack_module("ipadapter_core.attention")
+    pack_module = __import__("tools.comfy_host", fromlist=["pack_module"]).pack_module
+    kinds = (pack_module("ipadapter_core.adapter_spec").AdapterSpec,
+             pack_module("ipadapter_core.attention").DecoupledCrossAttention)
 
     def alive():
         gc.collect()
-        return sum(isinstance(o, (attention.AdapterSpec, attention.DecoupledCrossAttention)) for o in gc.get_objects())
+        return sum(isinstance(o, kinds) for o in gc.get_objects())
     baseline = alive()
     model = host.CheckpointLoaderSimple().load_checkpoint("tiny_sd15.ckpt")[0]
     (clip_vision,) = host.CLIPVisionLoader().load_clip("CLIP-ViT-H-14-laion2B-s32B-b79K.pt")
