@@ -1,7 +1,7 @@
 """The real ComfyUI frontend (served by the headless host, in Debian's Chromium driven by Playwright) opens
 every UI workflow as a user dropping the file would, finds every node and link, writes the same prompt as
 the API twin, queues it from its Run button and shows the result image. Screenshots go to the test's temporary
-folder, or with UPDATE_SCREENSHOTS=1 to workflows/screenshots/ for the README (a run leaves the tree as it was)."""
+folder, or with UPDATE_SCREENSHOTS=1 to workflows/screenshots/ for the README and docs/workflows.md (a run leaves the tree as it was)."""
 from __future__ import annotations
 
 import json
