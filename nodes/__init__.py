@@ -1,9 +1,11 @@
-"""ComfyUI glue: the pack's extension, its node list, its model folders and its migration routes."""
+"""ComfyUI glue: the pack's extension, its node list (and ComfyUI_IPAdapter_plus's ids, run by ours), its model
+folders and its migration routes."""
 from aiohttp import web
 from comfy_api.latest import ComfyExtension, io
 
 from ..ipadapter_core.migrate import TABLE_PATH, migrate
-from . import apply_nodes, edit_nodes, embeds_nodes, faceid_nodes, loader_nodes, region_nodes, schedule_nodes
+from . import (apply_nodes, compat_nodes, edit_nodes, embeds_nodes, faceid_nodes, loader_nodes, region_nodes,
+               schedule_nodes)
 
 _routes_added = False
 
@@ -33,9 +35,14 @@ def register_migration_routes() -> None:
             for line in report]})
 
 
+def our_nodes() -> list[type[io.ComfyNode]]:
+    return [*loader_nodes.NODES, *apply_nodes.NODES, *embeds_nodes.NODES, *faceid_nodes.NODES, *region_nodes.NODES,
+            *schedule_nodes.NODES, *edit_nodes.NODES]
+
+
 class ImagePromptEditExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
         register_migration_routes()
         loader_nodes.register_model_folder()
-        return [*loader_nodes.NODES, *apply_nodes.NODES, *embeds_nodes.NODES, *faceid_nodes.NODES, *region_nodes.NODES,
-                *schedule_nodes.NODES, *edit_nodes.NODES]
+        ours = our_nodes()
+        return [*ours, *compat_nodes.compatible_nodes(ours)]

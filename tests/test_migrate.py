@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ipadapter_core.migrate import MigrationTable, is_api_workflow, migrate, our_schema
+from ipadapter_core.migrate import MigrationTable, is_api_workflow, migrate, node_schema
 from tools import comfy_host
 from tools.run_example import copy_example_images, map_to_stand_ins
 
@@ -458,7 +458,9 @@ def ui_to_api(workflow: dict, object_info: dict) -> dict:
                 kind, options = (info["input"][section][name] + [{}])[:2]
                 if (isinstance(kind, list) or kind in ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")) \
                         and not options.get("forceInput"):
-                    inputs[name] = next(values)
+                    # older graphs have fewer widgets: the editor gives the rest their defaults
+                    choices = kind if isinstance(kind, list) else options.get("options", [None])
+                    inputs[name] = next(values, options.get("default", choices[0]))
                     if options.get("control_after_generate"):
                         next(values)
         for slot in node["inputs"]:
@@ -530,7 +532,7 @@ def test_table_knows_our_nodes_as_the_host_serves_them(object_info):
     missing = sorted(set(ours) - set(object_info))
     assert not missing, f"nodes the table maps to that the host does not serve: {missing}"
     for node_id, schema in ours.items():
-        assert our_schema(object_info[node_id]) == schema, f"{node_id}: the table's schema is out of date"
+        assert node_schema(object_info[node_id]) == schema, f"{node_id}: the table's schema is out of date"
 
 
 # --- mapping and report -----------------------------------------------------------------------------------
@@ -869,15 +871,21 @@ def test_migrated_style_and_precise_nodes_run_on_the_full_sd15_layout(tmp_path, 
     migrated, report = migrate(api_style_composition())
     assert {line.target for line in report} == {"ImagePromptAdapterLoader", "ImagePromptStyleComposition",
                                                 "ImagePromptApplyAdvanced"}
-    migrated, _ = map_to_stand_ins(migrated)
-    migrated["ckpt"]["inputs"]["ckpt_name"] = "sd15_layout.ckpt"
-    migrated["adp"]["inputs"]["ipadapter_file"] = "ip-adapter-plus_sd15.bin"  # the real 16-layer layout
-    migrated["lat"]["inputs"].update(width=64, height=64, batch_size=2)  # the batch node: image i to latent i
-    migrated["ks"]["inputs"]["steps"] = 1
-    server = comfy_host.HostServer(tmp_path / "base", models_dir=models_dir)
+    run_on_the_full_sd15_layout(migrated, tmp_path / "base", models_dir)
+
+
+def run_on_the_full_sd15_layout(prompt: dict, base, models_dir) -> None:
+    """``prompt`` (from api_style_composition) on the full-size SD1.5 layouts, 1 step, a batch of 2 at 64 px,
+    on a server of its own: it saves 2 images."""
+    prompt, _ = map_to_stand_ins(prompt)
+    prompt["ckpt"]["inputs"]["ckpt_name"] = "sd15_layout.ckpt"
+    prompt["adp"]["inputs"]["ipadapter_file"] = "ip-adapter-plus_sd15.bin"  # the real 16-layer layout
+    prompt["lat"]["inputs"].update(width=64, height=64, batch_size=2)  # the batch node: image i to latent i
+    prompt["ks"]["inputs"]["steps"] = 1
+    server = comfy_host.HostServer(base, models_dir=models_dir)
     copy_example_images(server.base_dir / "input")
     with server:
-        files = server.output_files(server.run_prompt(migrated))
+        files = server.output_files(server.run_prompt(prompt))
     assert len(files) == 2
     for path in files:
         with Image.open(path) as image:

@@ -13,6 +13,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from ipadapter_core.migrate import MigrationTable
+
 from . import comfy_host
 
 NODES_PAGE = comfy_host.REPO_ROOT / "docs" / "nodes.md"
@@ -20,14 +22,18 @@ PAGE_HEAD = """# Node reference
 
 Part of [comfyui-ipadapter-edit](../README.md). Written by `python -m tools.node_reference` from a live host's
 `/object_info` (edits by hand are overwritten): every node of the pack with its inputs, in the host's order, and
-its outputs.
+its outputs. The node ids of ComfyUI_IPAdapter_plus that the pack also runs have that pack's inputs: see
+[that pack's node ids](migration.md#without-migrating-that-packs-node-ids).
 """
 MAX_LISTED_CHOICES = 8
 
 
 def pack_nodes(object_info: dict) -> list[dict]:
-    """This pack's node definitions, grouped by category in the order the host lists them."""
-    ours = [info for info in object_info.values() if info["python_module"] == f"custom_nodes.{comfy_host.PACK_DIR_NAME}"]
+    """This pack's node definitions (not ComfyUI_IPAdapter_plus's ids), grouped by category in the order the host
+    lists them."""
+    theirs = MigrationTable.load().nodes
+    ours = [info for info in object_info.values()
+            if info["python_module"] == f"custom_nodes.{comfy_host.PACK_DIR_NAME}" and info["name"] not in theirs]
     categories = list(dict.fromkeys(info["category"] for info in ours))
     return sorted(ours, key=lambda info: categories.index(info["category"]))
 

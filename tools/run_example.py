@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+from ipadapter_core.migrate import MigrationTable
 from ipadapter_core.variants import FACEID_PRESETS, PRESETS, PUBLIC_FILES
 
 from . import comfy_host, factory
@@ -47,21 +48,33 @@ def stand_in(folder: str, real_name: str) -> str | None:
 PRESET_LOADERS = {"ImagePromptUnifiedLoader": PRESETS, "ImagePromptUnifiedLoaderFaceID": FACEID_PRESETS}
 
 
+def as_our_node(table: MigrationTable, class_type: str, preset) -> tuple[str, object]:
+    """Our node type and preset name for a node of ours or one of ComfyUI_IPAdapter_plus's ids."""
+    rule = table.nodes.get(class_type)
+    if rule is None or rule["to"] is None:
+        return class_type, preset
+    names = table.option_maps.get(rule.get("maps", {}).get("preset"), {})
+    return rule["to"], names.get(preset, preset) if isinstance(preset, str) else preset
+
+
 def map_to_stand_ins(prompt: dict) -> tuple[dict, set[str]]:
-    """Replace real model file names by the factory files standing in for them.
+    """Replace real model file names by the factory files standing in for them (in our nodes and in
+    ComfyUI_IPAdapter_plus's node ids).
 
     Returns the mapped prompt and the factory files it needs (``"<folder>/<file>"``)."""
     mapped = json.loads(json.dumps(prompt))
     needed = set()
+    table = MigrationTable.load()
     for node_id, node in mapped.items():
-        presets = PRESET_LOADERS.get(node["class_type"])
+        kind, preset = as_our_node(table, node["class_type"], node.get("inputs", {}).get("preset"))
+        presets = PRESET_LOADERS.get(kind)
         if presets:  # the loader finds its file by name: build the (SD1.5) stand-in the preset means
-            variant = presets.get(node.get("inputs", {}).get("preset"), {}).get("sd15")
+            variant = presets.get(preset, {}).get("sd15")
             stand_in_name = variant and stand_in("ipadapter", PUBLIC_FILES[variant][1])
             if stand_in_name:
                 needed.add(f"ipadapter/{stand_in_name}")
             continue
-        key, folder = MODEL_INPUTS.get(node["class_type"], (None, None))
+        key, folder = MODEL_INPUTS.get(kind, (None, None))
         value = node.get("inputs", {}).get(key)
         if not isinstance(value, str):
             continue

@@ -1,5 +1,7 @@
 // Offers to migrate a graph built with ComfyUI_IPAdapter_plus when it is opened and that pack is not
 // installed: its nodes become this pack's (python -m ipadapter_core.migrate does the same from the shell).
+// Declined, the graph opens with that pack's node ids as this pack runs them (nodes/compat_nodes.py), or with
+// missing nodes when those are switched off.
 // The node types come from the migration table; the migration itself runs on the server, which answers
 // with the migrated graph and one report line per node.
 import { app } from "../../scripts/app.js";
@@ -17,13 +19,20 @@ async function migratableTypes() {
     return tableTypes;
 }
 
-// That pack's node types in a graph (subgraph definitions included) whose nodes are not installed.
-function missingTypes(graphData, types) {
+// Whether that pack's node type is missing, or registered by this pack (the module of its own nodes).
+function notThatPacks(type) {
+    const registered = LiteGraph.registered_node_types[type];
+    const ours = LiteGraph.registered_node_types["ImagePromptApply"]?.nodeData?.python_module;
+    return !registered || (ours !== undefined && registered.nodeData?.python_module === ours);
+}
+
+// That pack's node types in a graph (subgraph definitions included) that this pack can migrate.
+function migratableIn(graphData, types) {
     const graphs = [graphData, ...(graphData?.definitions?.subgraphs ?? [])];
     const found = new Set();
     for (const graph of graphs) {
         for (const node of graph?.nodes ?? []) {
-            if (types.has(node.type) && !LiteGraph.registered_node_types[node.type]) found.add(node.type);
+            if (types.has(node.type) && notThatPacks(node.type)) found.add(node.type);
         }
     }
     return [...found].sort();
@@ -50,9 +59,9 @@ function showReport(report) {
 app.registerExtension({
     name: "image_prompt.migrate_ipadapter_plus",
     async beforeConfigureGraph(graphData) {
-        const types = missingTypes(graphData, await migratableTypes());
+        const types = migratableIn(graphData, await migratableTypes());
         if (!types.length) return;
-        const question = `This workflow uses ComfyUI_IPAdapter_plus nodes, which are not installed:\n` +
+        const question = `This workflow uses ComfyUI_IPAdapter_plus nodes (that pack is not installed):\n` +
             `${types.join(", ")}\n\nReplace them with this pack's IP-Adapter nodes? ` +
             `(The console and a notice list what changes.)`;
         if (!window.confirm(question)) return;

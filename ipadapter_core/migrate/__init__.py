@@ -16,8 +16,8 @@ computed, which inputs and outputs go where, and what differs), ``ours`` (our no
 host's order and outputs, from the host's /object_info) and ``types`` (link types to rename).
 """
 from .cli import main
-from .table import TABLE_PATH, Conversion, MigrationTable, ReportLine, our_schema
+from .table import TABLE_PATH, Conversion, MigrationTable, ReportLine, node_schema
 from .workflow import is_api_workflow, is_ui_workflow, migrate
 
 __all__ = ["TABLE_PATH", "Conversion", "MigrationTable", "ReportLine", "is_api_workflow", "is_ui_workflow", "main",
-           "migrate", "our_schema"]
+           "migrate", "node_schema"]

@@ -1,5 +1,5 @@
 """The migration table's rules applied: what one node of ComfyUI_IPAdapter_plus becomes (a Conversion) and
-the report line it gives; ``our_schema`` writes the table's entry for one of our nodes from the host's /object_info."""
+the report line it gives; ``node_schema`` writes the table's entry for a node's inputs and outputs from the host's /object_info."""
 from __future__ import annotations
 
 import json
@@ -15,12 +15,15 @@ MIDDLE_BLOCK = {"SD1.5": (6, 16), "SDXL": (4, 11)}
 
 
 # Combos that list files of the user's folders: their options are not part of the table.
-FILE_LISTS = {("ImagePromptAdapterLoader", "ipadapter_file"), ("ImagePromptLoadEmbeds", "embeds")}
+FILE_LISTS = {("ImagePromptAdapterLoader", "ipadapter_file"), ("ImagePromptLoadEmbeds", "embeds"),
+              ("IPAdapterModelLoader", "ipadapter_file"), ("IPAdapterLoadEmbeds", "embeds")}
+WIDGET_KEYS = ("default", "min", "max", "step", "multiline", "control_after_generate")
 
 
-def our_schema(info: dict) -> dict:
-    """A node's entry in the table's ``ours`` from its /object_info entry: inputs in the host's order
-    (required, then optional) with each widget's default, range and options; outputs."""
+def node_schema(info: dict, file_lists: set = FILE_LISTS) -> dict:
+    """A node's inputs and outputs from its /object_info entry (our nodes' entries in the table's ``ours``, that
+    pack's in each rule's ``schema``): inputs in the host's order (required, then optional, marked) with each
+    widget's default, range, step and options (not those of ``file_lists``, which list the user's files)."""
     inputs = []
     for section in ("required", "optional"):
         for name in info.get("input_order", {}).get(section, []):
@@ -28,10 +31,11 @@ def our_schema(info: dict) -> dict:
             if isinstance(kind, list):
                 kind, options = "COMBO", {**options, "options": kind}
             spec = {"name": name, "type": kind, "widget": kind in WIDGET_TYPES and not options.get("forceInput")}
+            if section == "optional":
+                spec["optional"] = True
             if spec["widget"]:
-                spec.update({key: options[key] for key in ("default", "min", "max", "control_after_generate")
-                             if key in options})
-                if kind == "COMBO" and (info["name"], name) not in FILE_LISTS:
+                spec.update({key: options[key] for key in WIDGET_KEYS if key in options})
+                if kind == "COMBO" and (info["name"], name) not in file_lists:
                     spec["options"] = options["options"]
             inputs.append(spec)
     return {"inputs": inputs, "outputs": [{"name": name, "type": kind}
