@@ -117,9 +117,8 @@ def swarm_advanced() -> dict:
 
 
 def batch_variants() -> dict:
-    """The batch twins of the tiled and enhancer nodes (image i to latent i), after the community loader."""
+    """The batch twins of the tiled and enhancer nodes (image i to latent i)."""
     prompt = api_base()
-    prompt["ipa"] = api_node("IPAdapterUnifiedLoaderCommunity", preset="Composition", model=["ckpt", 0])
     prompt.update({
         "two": api_node("ImageBatch", image1=["img", 0], image2=["img", 0]),
         "tb": api_node("IPAdapterTiledBatch", weight=0.7, weight_type="linear", start_at=0.0, end_at=1.0,
@@ -199,15 +198,18 @@ def test_faceid_prompt_without_insightface_says_what_to_install(compat_server, n
 @pytest.mark.heavy
 @pytest.mark.server
 @pytest.mark.models("checkpoints/sd15_layout.ckpt", "ipadapter/ip-adapter-plus_sd15.bin",
-                    "clip_vision/CLIP-ViT-H-14-laion2B-s32B-b79K.pt")
+                    "ipadapter/ip_plus_composition_sd15.bin", "clip_vision/CLIP-ViT-H-14-laion2B-s32B-b79K.pt")
 def test_style_composition_and_precise_ids_run_on_the_full_sd15_layout(tmp_path, models_dir):
+    """With the batch twins of the precise nodes, the last one on the composition adapter of the community
+    loader (its file is made for the full SD1.5 UNet only)."""
     prompt = api_style_composition()
     common = {key: prompt["ps"]["inputs"][key] for key in ("ipadapter", "clip_vision", "start_at", "end_at",
                                                             "embeds_scaling", "combine_embeds")}
     prompt["psb"] = api_node("IPAdapterPreciseStyleTransferBatch", weight=0.7, style_boost=1.0, model=["scb", 0],
                              image=["two", 0], **common)
+    prompt["com"] = api_node("IPAdapterUnifiedLoaderCommunity", preset="Composition", model=["psb", 0])
     prompt["pcb"] = api_node("IPAdapterPreciseCompositionBatch", weight=0.5, composition_boost=0.2,
-                             model=["psb", 0], image=["two", 0], **common)
+                             model=["com", 0], image=["two", 0], **{**common, "ipadapter": ["com", 1]})
     prompt["ks"]["inputs"]["model"] = ["pcb", 0]
     run_on_the_full_sd15_layout(prompt, tmp_path / "base", models_dir)
 
@@ -221,7 +223,8 @@ def test_every_mapped_id_is_posted_by_a_test_here():
         posted |= {node["class_type"] for node in build().values()}
     for build in UI_GRAPHS.values():
         posted |= {node["type"] for node in build()["nodes"]}
-    posted |= {"IPAdapterPreciseStyleTransferBatch", "IPAdapterPreciseCompositionBatch"}  # added in the heavy test
+    posted |= {"IPAdapterPreciseStyleTransferBatch", "IPAdapterPreciseCompositionBatch",  # added in the heavy test
+               "IPAdapterUnifiedLoaderCommunity"}
     assert set(MAPPED) - posted == set()
 
 
