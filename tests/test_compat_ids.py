@@ -23,9 +23,8 @@ NEED_INSIGHTFACE = {"IPAdapterFaceID", "IPAAdapterFaceIDBatch", "IPAdapterFaceID
 COMPAT_CATEGORY = "image_prompt/ComfyUI_IPAdapter_plus ids"
 
 
-def served_sockets(info: dict) -> tuple[list, list, list]:
-    """(link inputs as name:type, widget names, outputs as name:type) of an /object_info entry."""
-    schema = node_schema(info)
+def schema_sockets(schema: dict) -> tuple[list, list, list]:
+    """(link inputs as (name, type), widget names, outputs as (name, type)) of a schema as node_schema writes it."""
     links = [(spec["name"], spec["type"]) for spec in schema["inputs"] if not spec["widget"]]
     widgets = [spec["name"] for spec in schema["inputs"] if spec["widget"]]
     return links, widgets, [(out["name"], out["type"]) for out in schema["outputs"]]
@@ -52,9 +51,7 @@ def test_table_holds_that_packs_schema_for_every_mapped_id():
     the widget order and defaults the migration reads."""
     for source in MAPPED:
         schema = TABLE.nodes[source]["schema"]
-        links = [(spec["name"], spec["type"]) for spec in schema["inputs"] if not spec["widget"]]
-        widgets = [spec["name"] for spec in schema["inputs"] if spec["widget"]]
-        outputs = [(out["name"], out["type"]) for out in schema["outputs"]]
+        links, widgets, outputs = schema_sockets(schema)
         want_links, want_widgets, want_outputs = CUBIQ[source]
         assert links == sockets(want_links), source
         assert widgets == want_widgets.split(), source
@@ -73,7 +70,7 @@ def test_server_serves_every_mapped_id_with_that_packs_inputs_and_outputs(object
         info = object_info[source]
         schema = TABLE.nodes[source]["schema"]
         assert node_schema(info) == {"inputs": schema["inputs"], "outputs": schema["outputs"]}, source
-        links, widgets, outputs = served_sockets(info)
+        links, widgets, outputs = schema_sockets(node_schema(info))
         assert (links, widgets, outputs) == (sockets(CUBIQ[source][0]), CUBIQ[source][1].split(),
                                              sockets(CUBIQ[source][2])), source
         assert info["display_name"] == f"{schema['display_name']} (IPAdapter Edit)"

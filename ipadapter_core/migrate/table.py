@@ -20,10 +20,10 @@ FILE_LISTS = {("ImagePromptAdapterLoader", "ipadapter_file"), ("ImagePromptLoadE
 WIDGET_KEYS = ("default", "min", "max", "step", "multiline", "control_after_generate")
 
 
-def node_schema(info: dict, file_lists: set = FILE_LISTS) -> dict:
+def node_schema(info: dict) -> dict:
     """A node's inputs and outputs from its /object_info entry (our nodes' entries in the table's ``ours``, that
     pack's in each rule's ``schema``): inputs in the host's order (required, then optional, marked) with each
-    widget's default, range, step and options (not those of ``file_lists``, which list the user's files)."""
+    widget's default, range, step and options (not those of ``FILE_LISTS``, which list the user's files)."""
     inputs = []
     for section in ("required", "optional"):
         for name in info.get("input_order", {}).get(section, []):
@@ -35,7 +35,7 @@ def node_schema(info: dict, file_lists: set = FILE_LISTS) -> dict:
                 spec["optional"] = True
             if spec["widget"]:
                 spec.update({key: options[key] for key in WIDGET_KEYS if key in options})
-                if kind == "COMBO" and (info["name"], name) not in file_lists:
+                if kind == "COMBO" and (info["name"], name) not in FILE_LISTS:
                     spec["options"] = options["options"]
             inputs.append(spec)
     return {"inputs": inputs, "outputs": [{"name": name, "type": kind}
