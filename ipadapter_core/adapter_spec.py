@@ -5,13 +5,14 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .choices import check_choice
+
 KV_SCALINGS = ("V only", "K+V", "K+V w/ C penalty", "K+mean(V) w/ C penalty")
 PENALTY_WIDTH = 1280  # the C penalty scales a layer's weight by C / 1280: shallow layers are damped
 
 
 def check_kv_scaling(kv_scaling: str) -> None:
-    if kv_scaling not in KV_SCALINGS:
-        raise ValueError(f"embeds_scaling: '{kv_scaling}' is not one of {', '.join(KV_SCALINGS)}")
+    check_choice("embeds_scaling", kv_scaling, KV_SCALINGS)
 
 
 def scaled_kv(k: torch.Tensor, v: torch.Tensor, weight: float | torch.Tensor, kv_scaling: str):

@@ -11,12 +11,13 @@ import os
 
 import torch
 
+from .choices import check_choice
+
 COMBINE_MODES = ("concat", "add", "subtract", "average", "norm average", "max", "min")
 
 
 def check_combine_mode(mode: str) -> None:
-    if mode not in COMBINE_MODES:
-        raise ValueError(f"combine_embeds: '{mode}' is not one of {', '.join(COMBINE_MODES)}")
+    check_choice("combine_embeds", mode, COMBINE_MODES)
 
 
 def combine_embeds(embeds: torch.Tensor, mode: str) -> torch.Tensor:

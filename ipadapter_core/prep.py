@@ -12,6 +12,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .choices import check_choice
+
 CROP_POSITIONS = ("center", "top", "bottom", "left", "right", "pad")
 INTERPOLATIONS = ("bicubic", "bilinear", "area", "nearest")
 NOISE_TYPES = ("fade", "dissolve", "gaussian", "shuffle")
@@ -36,8 +38,7 @@ def as_rgb(image: torch.Tensor, name: str = "image") -> torch.Tensor:
 def square(image: torch.Tensor, position: str) -> torch.Tensor:
     """[B, H, W, 3] -> [B, S, S, 3]: the square of side min(H, W) at ``position``, or with ``pad`` the
     whole image centred on a square of side max(H, W) filled with CLIP's mean colour."""
-    if position not in CROP_POSITIONS:
-        raise ValueError(f"crop_position: '{position}' is not one of {', '.join(CROP_POSITIONS)}")
+    check_choice("crop_position", position, CROP_POSITIONS)
     b, h, w, c = image.shape
     if position == "pad":
         side = max(h, w)
@@ -53,8 +54,7 @@ def square(image: torch.Tensor, position: str) -> torch.Tensor:
 
 def resize(image: torch.Tensor, size: int, interpolation: str) -> torch.Tensor:
     """[B, H, W, C] -> [B, size, size, C] (antialiased when shrinking, for the smooth modes)."""
-    if interpolation not in INTERPOLATIONS:
-        raise ValueError(f"interpolation: '{interpolation}' is not one of {', '.join(INTERPOLATIONS)}")
+    check_choice("interpolation", interpolation, INTERPOLATIONS)
     x = image.movedim(-1, 1)
     smooth = interpolation in ("bicubic", "bilinear")
     x = F.interpolate(x, size=(size, size), mode=interpolation, antialias=smooth,
@@ -144,8 +144,7 @@ def noise_image(kind: str, strength: float, blur_radius: int, image: torch.Tenso
     fade: mix of image (grey without one) and uniform noise by ``strength``; dissolve: that share of
     pixels replaced by noise; gaussian: normal noise of std ``strength`` added; shuffle: that share of
     pixels moved to random places. Seeded, so the same inputs give the same image."""
-    if kind not in NOISE_TYPES:
-        raise ValueError(f"type: '{kind}' is not one of {', '.join(NOISE_TYPES)}")
+    check_choice("type", kind, NOISE_TYPES)
     base = as_rgb(image, "image_optional") if image is not None else torch.full((1, size, size, 3), 0.5)
     generator = torch.Generator().manual_seed(seed)
     base = base.float().cpu()

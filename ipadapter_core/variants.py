@@ -10,6 +10,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from .choices import check_choice
+
 # CLIP vision encoders the public adapters were trained with: hidden width, projection width, input size.
 ENCODERS = {
     "ViT-H-14": dict(hidden=1280, projection=1024, image_size=224,
@@ -170,8 +172,7 @@ ENCODER_FILE_PATTERNS = {"ViT-H-14": r"vit.h.14.*s32b.b79k", "ViT-bigG-14": r"vi
 
 def preset_variant(preset: str, base: str, presets: dict = PRESETS) -> Variant:
     """The variant a preset of ``presets`` means on a base model ("sd15" or "sdxl"), or ValueError saying why not."""
-    if preset not in presets:
-        raise ValueError(f"preset: '{preset}' is not one of {', '.join(presets)}")
+    check_choice("preset", preset, presets)
     name = presets[preset].get(base)
     if name is None:
         raise ValueError(f"preset: '{preset}' has no {base.upper()} IP-Adapter; choose another preset")

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .choices import check_choice
+
 CURVES = ("linear", "ease in", "ease out", "ease in-out", "reverse in-out",
           "weak input", "weak output", "weak middle", "strong middle")
 BLOCK_MAPS = ("style transfer", "composition", "strong style transfer", "style and composition",
@@ -79,8 +81,7 @@ def _curve(kind: str, weight: float, block: str, t: int, blocks: int) -> float:
 
 
 def check_weight_type(kind: str) -> None:
-    if kind not in WEIGHT_TYPES:
-        raise ValueError(f"weight_type: '{kind}' is not one of {', '.join(WEIGHT_TYPES)}")
+    check_choice("weight_type", kind, WEIGHT_TYPES)
 
 
 def layer_weights(kind: str, weight: float, layers: list[tuple[str, int]], blocks: int,

@@ -16,6 +16,7 @@ import folder_paths
 from comfy_api.latest import io
 from comfy_execution.graph_utils import GraphBuilder
 
+from ..ipadapter_core.choices import check_choice
 from ..ipadapter_core.migrate import MigrationTable
 from .ipadapter_inputs import CATEGORY
 
@@ -87,8 +88,8 @@ def compatible_node(table: MigrationTable, source: str, target: type[io.ComfyNod
     def execute(cls, **given) -> io.NodeOutput:
         values = {name: value for name, value in given.items() if name in widget_names}
         for name, value in values.items():  # the host checks the options of V1 combos only
-            if name in choices and value not in choices[name]:
-                raise ValueError(f"{name}: '{value}' is not one of {', '.join(map(str, choices[name]))}")
+            if name in choices:
+                check_choice(name, value, choices[name])
         linked = {name for name, value in given.items() if name not in widget_names and value is not None}
         conversion = table.convert(source, values, linked, set())
         if conversion.unsupported:
