@@ -39,7 +39,8 @@ class AdapterSpec:
     the image to the uncond side and zeros to the cond side (the precise weight types). ``kv_scaling``
     is where the weight applies (see ``scaled_kv``). ``sigma_range`` (high, low) limits the adapter to
     low <= sigma <= high. ``mask`` [F, H, W] in [0, 1] limits it to a region of the image, at any aspect
-    ratio: mask f on latent (frame) f of each chunk, the last mask on the frames after it."""
+    ratio: mask f on latent (frame) f of each chunk, the last mask on the frames after it. ``k_bias[i]`` /
+    ``v_bias[i]`` [C_i] are the K/V projections' biases where the adapter has them (XLabs' Flux adapters)."""
     cond_tokens: torch.Tensor
     uncond_tokens: torch.Tensor
     to_k: tuple[torch.Tensor, ...]
@@ -50,6 +51,8 @@ class AdapterSpec:
     sigma_range: tuple[float, float] | None = None
     mask: torch.Tensor | None = None
     image_weights: tuple[float, ...] = ()
+    k_bias: tuple[torch.Tensor, ...] = ()
+    v_bias: tuple[torch.Tensor, ...] = ()
     _kv_cache: dict[tuple[int, torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = field(
         default_factory=dict, compare=False, repr=False)
 
@@ -80,6 +83,8 @@ class AdapterSpec:
             tokens = torch.cat([uncond, cond]).to(device, torch.float32)
             k = tokens @ self.to_k[layer].to(device, torch.float32).T
             v = tokens @ self.to_v[layer].to(device, torch.float32).T
+            if self.k_bias:
+                k, v = k + self.k_bias[layer].to(device, torch.float32), v + self.v_bias[layer].to(device, torch.float32)
             weight = self.layer_weights[layer]
             if self.image_weights:  # [2n, 1, 1]: image i's weight on its uncond and cond rows
                 weight = weight * torch.tensor(self.image_weights, device=device).repeat(2)[:, None, None]

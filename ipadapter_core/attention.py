@@ -1,9 +1,11 @@
-"""Decoupled cross-attention (IP-Adapter, arXiv 2308.06721, eq. 5), as one replacement per cross-attention layer.
+"""Decoupled cross-attention (IP-Adapter, arXiv 2308.06721, eq. 5): the image terms, and the UNet's replacement.
 
     Z = Attn(Q, K_text, V_text) + sum_a w_a[layer] * Attn(Q, K_a, V_a),   K_a = c_a W'_k,a,  V_a = c_a W'_v,a
 
 Q, K_text and V_text arrive already projected by the frozen layer ([B, N, C] and [B, 77, C]); the result goes
-to the layer's own ``to_out``. The pieces, one concept each:
+to the layer's own ``to_out``. ``ImageAttention`` adds the image terms to any attention output (Flux's block
+patches use it with the block's own query); ``DecoupledCrossAttention`` is the UNet's attn2 replacement. The
+pieces, one concept each:
 - ``adapter_spec``: an adapter's tokens, K/V weights, weights and limits; its K/V per layer, weights folded in;
 - ``batched_kv``: those K/V laid out like the batch, cond or uncond tokens chosen by the conditioning that
   produced each chunk (never by its position), an unfolded batch's image by each latent's frame index, also
@@ -39,51 +41,43 @@ def token_groups(adapters: tuple[AdapterSpec, ...], layer: int) -> tuple[tuple[i
     return tuple(map(tuple, groups.values()))
 
 
-class DecoupledCrossAttention:
-    """The attn2 replacement registered on every cross-attention layer of one patched model.
+class ImageAttention:
+    """The image terms of one patched model's adapters, added to an attention output: made once per patch,
+    shared by the UNet's cross-attention replacement and the DiT block patches.
 
-    ``layers`` maps the host's (block, id, depth index) to the adapter layer index. ``uncond_chunks(options)``
-    returns, per batch chunk, whether the chunk belongs to an unconditional (negative-side) conditioning.
-    ``window_frames(options, rows)`` returns the frame index of each of a chunk's ``rows`` latents when the UNet
-    runs on a window of the frames, or None when a chunk holds frames 0..rows-1."""
+    ``uncond_chunks(options)`` returns, per batch chunk, whether the chunk belongs to an unconditional
+    (negative-side) conditioning. ``window_frames(options, rows)`` returns the frame index of each of a chunk's
+    ``rows`` latents when the model runs on a window of the frames, or None when a chunk holds frames 0..rows-1."""
 
-    def __init__(self, attention: AttentionFn, layers: dict[LayerKey, int], adapters: tuple[AdapterSpec, ...],
+    def __init__(self, adapters: tuple[AdapterSpec, ...], layer_count: int,
                  uncond_chunks: Callable[[dict], tuple[bool, ...]],
                  window_frames: Callable[[dict, int], tuple[int, ...] | None] = lambda options, rows: None):
-        self.attention = attention
-        self.layers = layers
         self.adapters = adapters
         self.uncond_chunks = uncond_chunks
         self.window_frames = window_frames
-        self.groups = {layer: token_groups(adapters, layer) for layer in set(layers.values())}
+        self.groups = {layer: token_groups(adapters, layer) for layer in range(layer_count)}
         self.kv = BatchedImageKV(adapters)
         self.factors = ImageFactor(adapters)
         self.scratch = ScratchBuffers()
 
-    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, options: dict) -> torch.Tensor:
-        heads, precision = options["n_heads"], options.get("attn_precision")
-        out = self.attention(q, k, v, heads, attn_precision=precision, transformer_options=options).contiguous()
-        block = options["block"]
-        layer = self.layers[(block[0], block[1], options.get("block_index", 0))]
+    def layout(self, options: dict, batch: int) -> BatchLayout:
+        """How this call's ``batch`` rows split into conditioning chunks (and frames)."""
         flags = self.uncond_chunks(options)
-        rows = q.shape[0] // len(flags)
-        layout = BatchLayout(flags, rows, self.window_frames(options, rows))
-        upcast = precision is torch.float32 and q.dtype != torch.float32  # the model asks for fp32 attention
-        self.add_image_attention(q, out, layer, heads, layout, upcast, options)
-        return out
+        rows = batch // len(flags)
+        return BatchLayout(flags, rows, self.window_frames(options, rows))
 
     def add_image_attention(self, q: torch.Tensor, out: torch.Tensor, layer: int, heads: int, layout: BatchLayout,
-                            upcast: bool, options: dict) -> None:
-        """out [B, N, C] += every active adapter's image term at ``layer`` for queries ``q`` [B, N, C]; ``options``
-        gives the latent size (``original_shape``, for masks) and the step (``sigmas``, for sigma ranges)."""
+                            upcast: bool, latent_hw: tuple[int, int] | None, sigmas: torch.Tensor | None) -> None:
+        """out [B, N, C] += every active adapter's image term at ``layer`` for queries ``q`` [B, N, C] (N positions
+        of the grid of a ``latent_hw`` latent, for masks), at the step of ``sigmas`` (for sigma ranges)."""
         n = q.shape[1]
         for group in self.groups[layer]:
             tokens = self.adapters[group[0]].tokens
             plan = attention_plan(q.device.type, tokens, upcast)
             factor = masked = None
             if self.factors.applies(group):
-                grid = LayerGrid(group, n, tuple(options["original_shape"][-2:]), q.device, q.dtype)
-                factor = self.factors.factor(grid, layout, options.get("sigmas"))
+                grid = LayerGrid(group, n, latent_hw and tuple(latent_hw), q.device, q.dtype)
+                factor = self.factors.factor(grid, layout, sigmas)
                 if plan.reads_back:
                     if not factor.any():
                         continue  # outside every adapter's sigma range, or masked out everywhere on this layer
@@ -111,3 +105,26 @@ class DecoupledCrossAttention:
     def to(self, *args, **kwargs):
         """The host moves patches with the model; K/V are cached per device and dtype, so nothing moves here."""
         return self
+
+
+class DecoupledCrossAttention(ImageAttention):
+    """The attn2 replacement registered on every cross-attention layer of one patched UNet. ``layers`` maps the
+    host's (block, id, depth index) to the adapter layer index."""
+
+    def __init__(self, attention: AttentionFn, layers: dict[LayerKey, int], adapters: tuple[AdapterSpec, ...],
+                 uncond_chunks: Callable[[dict], tuple[bool, ...]],
+                 window_frames: Callable[[dict, int], tuple[int, ...] | None] = lambda options, rows: None):
+        super().__init__(adapters, len(set(layers.values())), uncond_chunks, window_frames)
+        self.attention = attention
+        self.layers = layers
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, options: dict) -> torch.Tensor:
+        heads, precision = options["n_heads"], options.get("attn_precision")
+        out = self.attention(q, k, v, heads, attn_precision=precision, transformer_options=options).contiguous()
+        block = options["block"]
+        layer = self.layers[(block[0], block[1], options.get("block_index", 0))]
+        upcast = precision is torch.float32 and q.dtype != torch.float32  # the model asks for fp32 attention
+        shape = options.get("original_shape")
+        self.add_image_attention(q, out, layer, heads, self.layout(options, q.shape[0]), upcast,
+                                 shape and tuple(shape[-2:]), options.get("sigmas"))
+        return out

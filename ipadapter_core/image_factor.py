@@ -25,6 +25,8 @@ def mask_grid(mask: torch.Tensor, tokens: int, latent_hw: tuple[int, int]) -> to
 
     The grid is the latent size halved (rounding up, as the UNet's strided convolutions do) until it
     has ``tokens`` positions, so any aspect ratio maps exactly."""
+    if latent_hw is None:
+        raise ValueError("attn_mask: this model call did not give its latent size, so the mask cannot be placed")
     h, w = latent_hw
     while h * w > tokens and h * w > 1:
         h, w = (h + 1) // 2, (w + 1) // 2
@@ -38,7 +40,7 @@ class LayerGrid(NamedTuple):
     """A token group on one layer's grid, on a device: what its mask grids depend on."""
     group: tuple[int, ...]
     tokens: int
-    latent_hw: tuple[int, int]
+    latent_hw: tuple[int, int] | None
     device: torch.device
     dtype: torch.dtype
 

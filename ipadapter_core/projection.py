@@ -8,6 +8,7 @@ Shapes: B batch, N input tokens, E input width, T image tokens, D token width, W
 """
 from __future__ import annotations
 
+import math
 import re
 
 import torch
@@ -73,9 +74,13 @@ class PerceiverAttention(nn.Module):
         self.to_kv = nn.Linear(width, 2 * inner, bias=False)
         self.to_out = nn.Linear(inner, width, bias=False)
 
-    def forward(self, features: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
-        """features [B, N, W], latents [B, T, W] -> update of the latents [B, T, W]"""
+    def forward(self, features: torch.Tensor, latents: torch.Tensor,
+                modulation: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """features [B, N, W], latents [B, T, W] -> update of the latents [B, T, W]; ``modulation`` (shift, scale)
+        [B, W] modulates the normed latents (the time-conditioned resampler)."""
         features, latents = self.norm1(features), self.norm2(latents)
+        if modulation is not None:
+            latents = modulate(latents, *modulation)
         b, t, _ = latents.shape
         q = self.to_q(latents)
         k, v = self.to_kv(torch.cat([features, latents], dim=1)).chunk(2, dim=-1)
@@ -84,6 +89,11 @@ class PerceiverAttention(nn.Module):
         scores = (q.float() * scale) @ (k.float() * scale).transpose(-2, -1)  # [B, heads, T, N+T], float32
         out = scores.softmax(dim=-1).to(v.dtype) @ v  # [B, heads, T, 64]
         return self.to_out(out.transpose(1, 2).reshape(b, t, -1))
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Adaptive LayerNorm's affine part: x [B, T, W] * (1 + scale) + shift, with shift, scale [B, W]."""
+    return x * (1 + scale[:, None]) + shift[:, None]
 
 
 def feed_forward(width: int, hidden: int) -> nn.Sequential:
@@ -124,6 +134,54 @@ class Resampler(Perceiver):
         if hidden.dim() == 2:
             hidden = hidden[:, None]
         return super().forward(hidden, self.latents.expand(hidden.shape[0], -1, -1))
+
+
+class TimestepMLP(nn.Module):
+    """Sinusoidal embedding of the timestep t (cos first, periods up to 10000) -> Linear, SiLU, Linear."""
+
+    def __init__(self, frequencies: int, width: int):
+        super().__init__()
+        self.linear_1 = nn.Linear(frequencies, width)
+        self.linear_2 = nn.Linear(width, width)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        """t [B] (0..1000) -> [B, W]"""
+        half = self.linear_1.in_features // 2
+        rates = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+        angles = t.float()[:, None] * rates[None]
+        waves = torch.cat([angles.cos(), angles.sin()], dim=-1).to(self.linear_1.weight.dtype)
+        return self.linear_2(nn.functional.silu(self.linear_1(waves)))
+
+
+class TimeResampler(nn.Module):
+    """InstantX's SD3.5 resampler: a perceiver whose latents are modulated by the timestep at every layer.
+
+    temb = TimestepMLP(t); x = proj_in(hidden) + temb; per layer, (shift, scale) pairs from Linear(SiLU(temb))
+    modulate the normed latents before the attention and before the feed-forward; out = norm_out(proj_out(latents)).
+    Runs at every step (its output depends on t); returns the tokens and temb (the joint blocks' AdaLN reads it)."""
+
+    def __init__(self, tokens: int, embed_dim: int, width: int, inner: int, ff_dim: int, depth: int, out_dim: int,
+                 frequencies: int):
+        super().__init__()
+        self.latents = nn.Parameter(torch.empty(1, tokens, width))
+        self.proj_in = nn.Linear(embed_dim, width)
+        self.layers = nn.ModuleList(nn.ModuleList([PerceiverAttention(width, inner), feed_forward(width, ff_dim),
+                                                   nn.Sequential(nn.SiLU(), nn.Linear(width, 4 * width))])
+                                    for _ in range(depth))
+        self.proj_out = nn.Linear(width, out_dim)
+        self.norm_out = nn.LayerNorm(out_dim)
+        self.time_embedding = TimestepMLP(frequencies, width)
+
+    def forward(self, hidden: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """hidden [B, N, E], t [B] -> (tokens [B, T, D], temb [B, W])"""
+        temb = self.time_embedding(t)
+        x = self.proj_in(hidden.to(self.proj_in.weight.dtype)) + temb[:, None]
+        latents = self.latents.expand(hidden.shape[0], -1, -1)
+        for attention, ff, ada in self.layers:
+            shift_attn, scale_attn, shift_ff, scale_ff = ada(temb).chunk(4, dim=-1)
+            latents = latents + attention(x, latents, (shift_attn, scale_attn))
+            latents = latents + ff[1:](modulate(ff[0](latents), shift_ff, scale_ff))
+        return self.norm_out(self.proj_out(latents)), temb
 
 
 class FaceIDPlus(FaceMLP):
@@ -187,6 +245,10 @@ def _construct(variant: Variant, sd: dict[str, torch.Tensor]) -> tuple[nn.Module
         sizes = _face_sizes(sd)
         module = FaceIDPlus(variant.shortcut, _perceiver_sizes(sd, "perceiver_resampler."), **sizes)
         return module, sizes["embed_dim"], sizes["tokens"]
+    if kind == "time_resampler":
+        tokens, sizes = _shape(sd, "latents")[1], _perceiver_sizes(sd)
+        frequencies = _shape(sd, "time_embedding.linear_1.weight")[1]
+        return TimeResampler(tokens, frequencies=frequencies, **sizes), sizes["embed_dim"], tokens
     raise ValueError(f"unknown projection kind {kind!r}")
 
 

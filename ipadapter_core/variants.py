@@ -20,12 +20,21 @@ ENCODERS = {
                         file="CLIP-ViT-bigG-14-laion2B-39B-b160k.safetensors"),
     "ViT-L-14-336": dict(hidden=1024, projection=768, image_size=336,
                          file="clip-vit-large-patch14-336.bin"),
+    "ViT-L-14": dict(hidden=1024, projection=768, image_size=224, file="clip_vision_l.safetensors"),
+    # SigLIP has no projection: its hidden states are what an adapter reads, and only their width is compared.
+    "SigLIP-so400m-384": dict(hidden=1152, projection=None, image_size=384, file="sigclip_vision_patch14_384.safetensors"),
 }
 FACE_EMBEDDING = "face-embedding"  # InsightFace ArcFace, 512 values per face
 
-# UNet families by cross-attention width D (the in-dim of every to_k_ip / to_v_ip).
-BASES = {"sd15": dict(context_dim=768, layers=16), "sdxl": dict(context_dim=2048, layers=70),
-         "kolors": dict(context_dim=2048, layers=70)}
+# Model families by the width D of what the image K/V are made from (the in-dim of every to_k_ip / to_v_ip):
+# a UNet's cross-attention context, or for Flux the image tokens' own width (its text encoder's, T5's 4096).
+# ``layers``: the patched attentions of the full model (UNet cross-attentions, Flux double-stream blocks).
+BASES = {"sd15": dict(context_dim=768, layers=16, model="SD1.5 UNet"),
+         "sdxl": dict(context_dim=2048, layers=70, model="SDXL UNet"),
+         "kolors": dict(context_dim=2048, layers=70, model="SDXL UNet"),
+         "flux": dict(context_dim=4096, layers=19, model="Flux transformer"),
+         "sd35": dict(context_dim=None, layers=38, model="SD3.5-Large MMDiT")}  # D: the transformer's own width
+DIT_BASES = ("flux", "sd35")  # adapter files number their layers by block, 0, 1, 2, ...
 
 # Projection kinds (image_proj layouts):
 #   linear       proj [T*D, E], norm [D]: pooled image_embeds -> T tokens
@@ -33,7 +42,8 @@ BASES = {"sd15": dict(context_dim=768, layers=16), "sdxl": dict(context_dim=2048
 #   mlp          proj.0 [E, E], proj.2 [D, E], proj.3 [D]: each hidden-state token -> one token (257)
 #   faceid       proj.0 [1024, 512], proj.2 [T*D, 1024], norm [D]: face embedding -> T tokens
 #   faceid_plus  faceid MLP, then a latent-free perceiver over CLIP hidden states (perceiver_resampler.*)
-PROJECTIONS = ("linear", "resampler", "mlp", "faceid", "faceid_plus")
+#   time_resampler  a resampler modulated by the timestep at every layer (time_embedding.*): runs at each step
+PROJECTIONS = ("linear", "resampler", "mlp", "faceid", "faceid_plus", "time_resampler")
 
 
 @dataclass(frozen=True)
@@ -49,13 +59,19 @@ class Variant:
     shortcut: bool = False    # FaceID-Plus v2: id tokens + s * perceiver output
     hint: str = ""            # file-name fragment that selects this row within its shape group
     clip_encoder: str = ""    # FaceID-Plus: the CLIP encoder of the face crop (penultimate states)
+    # The negative side's embeds without a negative image, as the references make them: zeros for pooled and face
+    # embeds, the CLIP encoding of an image of CLIP's mean colour for hidden states, of a black image for XLabs'
+    # Flux adapters (XLabs' nodes and diffusers' Flux pipeline), zero hidden states for InstantX's SD3.5 adapter
+    # (diffusers' SD3 pipeline): "" (by encoder_output), "black image" or "zeros".
+    uncond_image: str = ""
 
     @property
-    def context_dim(self) -> int:
+    def context_dim(self) -> int | None:
+        """D, or None where it is the model's own width (SD3.5)."""
         return BASES[self.base]["context_dim"]
 
 
-_H, _G, _L336 = "ViT-H-14", "ViT-bigG-14", "ViT-L-14-336"
+_H, _G, _L336, _L = "ViT-H-14", "ViT-bigG-14", "ViT-L-14-336", "ViT-L-14"
 
 VARIANTS: tuple[Variant, ...] = (
     Variant("base_sd15", "sd15", "linear", 1024, 4, _H, "image_embeds"),
@@ -86,25 +102,39 @@ VARIANTS: tuple[Variant, ...] = (
     Variant("plus_kolors", "kolors", "resampler", 1024, 16, _L336, "penultimate"),
     Variant("faceid-plus_kolors", "kolors", "faceid_plus", 512, 6, FACE_EMBEDDING, "face", shortcut=True,
             clip_encoder=_L336),
+    # XLabs' Flux adapters: image K/V (with biases) on the 19 double-stream blocks; v2 has 16 tokens.
+    Variant("xlabs_flux", "flux", "linear", 768, 4, _L, "image_embeds", uncond_image="black image"),
+    Variant("xlabs-v2_flux", "flux", "linear", 768, 16, _L, "image_embeds", uncond_image="black image"),
+    # InstantX's SD3.5-Large adapter: image attention in the 38 joint blocks, tokens from a time-conditioned resampler.
+    Variant("instantx_sd35", "sd35", "time_resampler", 1152, 64, "SigLIP-so400m-384", "penultimate",
+            uncond_image="zeros"),
 )
 
 BY_NAME = {v.name: v for v in VARIANTS}
 
 
-def encoder_of(hidden: int, projection: int) -> str | None:
-    """The name of the CLIP vision encoder with these widths, if it is one the table knows."""
-    return next((name for name, e in ENCODERS.items() if (e["hidden"], e["projection"]) == (hidden, projection)), None)
+def encoder_of(hidden: int, projection: int, image_size: int | None = None) -> str | None:
+    """The name of the CLIP vision encoder with these widths (and input size, where given: ViT-L/14 comes
+    at 224 and 336 px), if it is one the table knows."""
+    return next((name for name, e in ENCODERS.items() if (e["hidden"], e["projection"] or projection) == (hidden, projection)
+                 and image_size in (None, e["image_size"])), None)
 
 
-def check_encoder(variant: Variant, adapter_name: str, hidden: int, projection: int) -> None:
-    """Raise ValueError, naming the encoder and file the adapter needs, unless the CLIP vision widths fit."""
+def check_encoder(variant: Variant, adapter_name: str, hidden: int, projection: int,
+                  image_size: int | None = None) -> None:
+    """Raise ValueError, naming the encoder and file the adapter needs, unless the CLIP vision widths (and input
+    size, where given) fit."""
     needed = ENCODERS.get(variant.encoder)
     if needed is None:
         raise ValueError(f"{adapter_name} ({variant.name}) takes a face embedding, not a CLIP vision image encoding")
-    if (needed["hidden"], needed["projection"]) != (hidden, projection):
-        found = encoder_of(hidden, projection) or f"an unknown encoder (hidden width {hidden}, projection {projection})"
+    if (needed["hidden"], needed["projection"] or projection) != (hidden, projection) or \
+            image_size not in (None, needed["image_size"]):
+        found = encoder_of(hidden, projection, image_size) or (
+            f"an unknown encoder (hidden width {hidden}, projection {projection}"
+            + (f", {image_size} px" if image_size else "") + ")")
         raise ValueError(f"{adapter_name} ({variant.name}) needs the CLIP vision {variant.encoder} ({needed['file']}, "
-                         f"hidden width {needed['hidden']}); the connected CLIP vision is {found}")
+                         f"hidden width {needed['hidden']}, {needed['image_size']} px); the connected CLIP vision "
+                         f"is {found}")
 
 
 def check_embeds(variant: Variant, adapter_name: str, shape: tuple[int, ...]) -> None:
@@ -131,6 +161,8 @@ PRESETS = {
     "FULL FACE - SD1.5 only": {"sd15": "full-face_sd15"},
     "COMPOSITION": {"sd15": "composition_sd15", "sdxl": "composition_sdxl"},
     "KOLORS": {"sdxl": "plus_kolors"},
+    "FLUX XLABS": {"flux": "xlabs_flux"},
+    "FLUX XLABS V2": {"flux": "xlabs-v2_flux"},
 }
 FACEID_PRESETS = {
     "FACEID": {"sd15": "faceid_sd15", "sdxl": "faceid_sdxl"},
@@ -165,13 +197,18 @@ PUBLIC_FILES = {
     "portrait_sdxl": (r"faceid.portrait.sdxl$", "ip-adapter-faceid-portrait_sdxl.bin"),
     "portrait-unnorm_sdxl": (r"faceid.portrait.sdxl.unnorm$", "ip-adapter-faceid-portrait_sdxl_unnorm.bin"),
     "faceid-plus_kolors": (r"ipa.faceid.plus$", "ipa-faceid-plus.bin"),
+    # XLabs publishes both as ip_adapter.safetensors; its ComfyUI nodes' instructions rename them so.
+    "xlabs_flux": (r"flux.ip.adapter$", "flux-ip-adapter.safetensors"),
+    "xlabs-v2_flux": (r"flux.ip.adapter.v2$", "flux-ip-adapter-v2.safetensors"),
 }
 ENCODER_FILE_PATTERNS = {"ViT-H-14": r"vit.h.14.*s32b.b79k", "ViT-bigG-14": r"vit.bigg.14.*39b.b160k",
-                         "ViT-L-14-336": r"clip.vit.large.patch14.336"}
+                         "ViT-L-14-336": r"clip.vit.large.patch14.336",
+                         "ViT-L-14": r"(clip.vision.l|clip.vit.large.patch14)$"}
 
 
 def preset_variant(preset: str, base: str, presets: dict = PRESETS) -> Variant:
-    """The variant a preset of ``presets`` means on a base model ("sd15" or "sdxl"), or ValueError saying why not."""
+    """The variant a preset of ``presets`` means on a base model ("sd15", "sdxl" or "flux"), or ValueError saying
+    why not."""
     check_choice("preset", preset, presets)
     name = presets[preset].get(base)
     if name is None:

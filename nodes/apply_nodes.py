@@ -9,8 +9,8 @@ from comfy_api.latest import io
 from ..ipadapter_core import prep
 from ..ipadapter_core.apply_options import ApplyOptions
 from ..ipadapter_core.variants import ENCODERS, check_embeds
-from .ipadapter_apply import apply_adapter, apply_tokens
-from .ipadapter_encode import LoadedAdapter, clip_vision_for, image_tokens, neutral_embeds
+from .ipadapter_apply import apply_adapter, apply_embeds
+from .ipadapter_encode import LoadedAdapter, clip_vision_for, neutral_embeds
 from .ipadapter_inputs import (CATEGORY, CLIP_VISION_INPUT, COMBINE_INPUT, END_INPUT, MASK_INPUT, NEGATIVE_INPUT,
                                SCALING_INPUT, START_INPUT, UNFOLD_INPUT, UNFOLD_LATER_INPUT, WEIGHT_TYPE_INPUT, Embeds,
                                advanced_inputs, model_inputs, weight_input)
@@ -110,8 +110,7 @@ class ImagePromptApplyEmbeds(io.ComfyNode):
         check_embeds(ipadapter.file.variant, ipadapter.file.name, tuple(pos_embeds.shape))
         if neg_embeds is None and (clip_vision or ipadapter.clip_vision) is not None:
             neg_embeds = neutral_embeds(ipadapter, clip_vision_for(ipadapter, clip_vision), pos_embeds)
-        cond, uncond = image_tokens(ipadapter, pos_embeds, neg_embeds, unfold=options.unfold_batch)
-        return io.NodeOutput(apply_tokens(model, ipadapter, cond, uncond, options))
+        return io.NodeOutput(apply_embeds(model, ipadapter, pos_embeds, neg_embeds, options))
 
 
 class ImagePromptStyleComposition(io.ComfyNode):

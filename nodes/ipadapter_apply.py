@@ -1,21 +1,20 @@
-"""From image tokens and apply options to a patched model: the adapter spec, decided once per apply."""
+"""From image tokens (or, for a time-conditioned resampler, embeds) and apply options to a patched model: the
+adapter spec, decided once per apply."""
 from __future__ import annotations
 
 import torch
 
 from ..ipadapter_core.adapter_spec import AdapterSpec
 from ..ipadapter_core.apply_options import ApplyOptions
-from ..ipadapter_core.weights import explicit_layer_weights, layer_weights
-from .ipadapter_encode import LoadedAdapter, encode_reference
+from ..ipadapter_core.embeds import combine_embeds
+from ..ipadapter_core.weights import LayerWeights, explicit_layer_weights, layer_weights
+from .ipadapter_encode import LoadedAdapter, image_tokens, reference_embeds
 from .ipadapter_patch import check_fit, cross_attention_layers, patch_model
+from .sd3_patch import TimeConditionedSpec, patch_sd3
 
 
-def adapter_spec(model, adapter: LoadedAdapter, cond: torch.Tensor, uncond: torch.Tensor,
-                 options: ApplyOptions) -> AdapterSpec:
-    """Everything the patch needs, decided once: per-layer weights, K/V weights, sigma range, mask."""
-    if options.image_weights and cond.shape[0] == 1:  # one image, a weight per latent
-        count = len(options.image_weights)
-        cond, uncond = cond.expand(count, -1, -1), uncond.expand(count, -1, -1)
+def weights_and_range(model, adapter: LoadedAdapter, options: ApplyOptions) -> tuple[LayerWeights, tuple | None]:
+    """The per-layer weights (weight type or written per-block weights) and the sigma range (high, low) or None."""
     layers, blocks = cross_attention_layers(model)
     check_fit(adapter.file, layers)
     indices = [(layer.key[0], layer.transformer_index) for layer in layers]
@@ -28,11 +27,20 @@ def adapter_spec(model, adapter: LoadedAdapter, cond: torch.Tensor, uncond: torc
         sampling = model.get_model_object("model_sampling")
         sigma_range = (float(sampling.percent_to_sigma(options.start_at)),
                        float(sampling.percent_to_sigma(options.end_at)))
+    return weights, sigma_range
+
+
+def adapter_spec(model, adapter: LoadedAdapter, cond: torch.Tensor, uncond: torch.Tensor,
+                 options: ApplyOptions) -> AdapterSpec:
+    """Everything the patch needs, decided once: per-layer weights, K/V weights, sigma range, mask."""
+    if options.image_weights and cond.shape[0] == 1:  # one image, a weight per latent
+        count = len(options.image_weights)
+        cond, uncond = cond.expand(count, -1, -1), uncond.expand(count, -1, -1)
+    weights, sigma_range = weights_and_range(model, adapter, options)
     file = adapter.file
-    ids = range(1, 2 * len(file.layer_widths), 2)
-    return AdapterSpec(cond, uncond, tuple(file.ip_adapter[f"{i}.to_k_ip.weight"] for i in ids),
-                       tuple(file.ip_adapter[f"{i}.to_v_ip.weight"] for i in ids), weights.weights,
-                       weights.swapped, options.embeds_scaling, sigma_range, options.attn_mask, options.image_weights)
+    return AdapterSpec(cond, uncond, file.kv_weights("k"), file.kv_weights("v"), weights.weights,
+                       weights.swapped, options.embeds_scaling, sigma_range, options.attn_mask, options.image_weights,
+                       file.kv_weights("k", "bias"), file.kv_weights("v", "bias"))
 
 
 def apply_tokens(model, adapter: LoadedAdapter, cond: torch.Tensor, uncond: torch.Tensor, options: ApplyOptions):
@@ -40,9 +48,40 @@ def apply_tokens(model, adapter: LoadedAdapter, cond: torch.Tensor, uncond: torc
     return patch_model(model, adapter.file, adapter_spec(model, adapter, cond, uncond, options))
 
 
+UNSUPPORTED_PER_STEP = {"attn_mask": lambda o: o.attn_mask is not None, "unfold_batch": lambda o: o.unfold_batch,
+                        "weight (a list)": lambda o: bool(o.image_weights),
+                        "embeds_scaling": lambda o: o.embeds_scaling != "V only"}
+
+
+def time_conditioned_spec(model, adapter: LoadedAdapter, cond: torch.Tensor, uncond: torch.Tensor,
+                          options: ApplyOptions) -> TimeConditionedSpec:
+    """The SD3.5 adapter's spec from hidden-state embeds [n, N, E] (combined as ``options`` say): what the patch
+    runs the resampler on at each step, with the file's per-block weights."""
+    unsupported = [name for name, used in UNSUPPORTED_PER_STEP.items() if used(options)]
+    if unsupported:
+        raise ValueError(f"{unsupported[0]}: not supported with {adapter.file.name} ({adapter.file.variant.name}) "
+                         f"yet; leave it at its default")
+    weights, sigma_range = weights_and_range(model, adapter, options)
+    uncond = torch.zeros_like(cond) if uncond is None else uncond  # the reference pipeline's negative
+    cond, uncond = (combine_embeds(e, options.combine_embeds).float().cpu() for e in (cond, uncond))
+    cond, uncond = cond.reshape(1, -1, cond.shape[-1]), uncond[:1].expand(1, *cond.shape[1:]).clone()
+    blocks = tuple({k.split(".", 1)[1]: v for k, v in adapter.file.ip_adapter.items() if k.split(".", 1)[0] == str(i)}
+                   for i in adapter.file.layer_ids)
+    return TimeConditionedSpec(cond, uncond, adapter.projection, blocks, weights.weights, sigma_range)
+
+
+def apply_embeds(model, adapter: LoadedAdapter, cond: torch.Tensor, uncond: torch.Tensor, options: ApplyOptions):
+    """A patched clone of ``model`` from CLIP embeds: projected now, or at each step by a time-conditioned
+    resampler (SD3.5)."""
+    if adapter.file.variant.projection == "time_resampler":
+        return patch_sd3(model, time_conditioned_spec(model, adapter, cond, uncond, options))
+    cond, uncond = image_tokens(adapter, cond, uncond, options.combine_embeds, options.unfold_batch)
+    return apply_tokens(model, adapter, cond, uncond, options)
+
+
 def apply_adapter(model, adapter: LoadedAdapter, clip_vision, image: torch.Tensor, options: ApplyOptions):
     """What the image apply nodes do: check the fit first (cheaper than encoding, and the deeper
     mismatch), encode the reference, and patch a clone."""
     check_fit(adapter.file, cross_attention_layers(model)[0])
-    cond, uncond = encode_reference(adapter, clip_vision, image, options)
-    return apply_tokens(model, adapter, cond, uncond, options)
+    cond, uncond = reference_embeds(adapter, clip_vision, image, options.image_negative, options.enhance)
+    return apply_embeds(model, adapter, cond, uncond, options)

@@ -8,7 +8,7 @@ import comfy.utils
 import torch
 
 from ..ipadapter_core import prep
-from ..ipadapter_core.apply_options import WHOLE_IMAGE, ApplyOptions
+from ..ipadapter_core.apply_options import WHOLE_IMAGE
 from ..ipadapter_core.embeds import combine_embeds, enhance_embeds, merge_tile_embeds
 from ..ipadapter_core.loader import AdapterFile, load_adapter
 from ..ipadapter_core.projection import build_projection
@@ -57,7 +57,8 @@ def encode_images(adapter: LoadedAdapter, clip_vision, image: torch.Tensor, outp
         encoded = clip_vision.encode_image(image[start:start + ENCODE_BATCH])
         if start == 0:
             check_encoder(replace(variant, encoder=encoder), adapter.file.name,
-                          encoded.penultimate_hidden_states.shape[-1], encoded.image_embeds.shape[-1])
+                          encoded.penultimate_hidden_states.shape[-1], encoded.image_embeds.shape[-1],
+                          getattr(clip_vision, "image_size", None))
         parts.append(encoded.image_embeds if output == "image_embeds" else encoded.penultimate_hidden_states)
         progress.update(parts[-1].shape[0])
     return torch.cat(parts).float().cpu()
@@ -67,8 +68,14 @@ def neutral_embeds(adapter: LoadedAdapter, clip_vision, like: torch.Tensor, outp
                    encoder: str | None = None) -> torch.Tensor:
     """The unconditional embeds of the reference implementations, shaped like ``like``: zeros for pooled
     and face embeds; for hidden states, the encoding of an image of CLIP's mean colour (zeros after CLIP's
-    normalisation), which is what the official code feeds."""
-    if (output or adapter.file.variant.encoder_output) != "penultimate":
+    normalisation), which is what the official code feeds; where the variant says otherwise, zeros or a black
+    image's encoding (``Variant.uncond_image``)."""
+    output = output or adapter.file.variant.encoder_output
+    if adapter.file.variant.uncond_image == "zeros":
+        return torch.zeros_like(like)
+    if adapter.file.variant.uncond_image == "black image":
+        return encode_images(adapter, clip_vision, torch.zeros(1, 224, 224, 3), output, encoder=encoder).expand_as(like)
+    if output != "penultimate":
         return torch.zeros_like(like)
     neutral = torch.tensor(prep.CLIP_MEAN).expand(1, 224, 224, 3)
     return encode_images(adapter, clip_vision, neutral, "penultimate", encoder=encoder).expand_as(like)
@@ -109,6 +116,9 @@ def image_tokens(adapter: LoadedAdapter, embeds: torch.Tensor, uncond: torch.Ten
     combination), or [n, T, D] with ``unfold`` (latent i sees image i). ``uncond`` defaults to zeros
     and is cycled to n. FaceID-Plus also takes the CLIP hidden states (cond, uncond) of the face crops."""
     variant, name = adapter.file.variant, adapter.file.name
+    if variant.projection == "time_resampler":
+        raise ValueError(f"ipadapter: {name} ({variant.name}) makes its image tokens at each step; use Apply "
+                         f"IP-Adapter, Apply IP-Adapter (Advanced) or Apply IP-Adapter Embeds with it")
     check_embeds(variant, name, tuple(embeds.shape))
     uncond = torch.zeros_like(embeds) if uncond is None else uncond
     check_embeds(variant, name, tuple(uncond.shape))
@@ -136,10 +146,3 @@ def image_tokens(adapter: LoadedAdapter, embeds: torch.Tensor, uncond: torch.Ten
     if unfold:
         return cond_tokens, uncond_tokens
     return cond_tokens.reshape(1, -1, width), uncond_tokens.reshape(1, -1, width)
-
-
-def encode_reference(adapter: LoadedAdapter, clip_vision, image: torch.Tensor, options: ApplyOptions):
-    """Cond and uncond image tokens of reference images, encoded as ``options`` say (its combine mode, negative
-    image, unfold and enhance; see image_tokens and reference_embeds)."""
-    embeds = reference_embeds(adapter, clip_vision, image, options.image_negative, options.enhance)
-    return image_tokens(adapter, *embeds, options.combine_embeds, options.unfold_batch)

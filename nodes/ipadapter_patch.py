@@ -1,4 +1,5 @@
-"""Registering decoupled cross-attention on a cloned host model, through the host's own patch mechanism.
+"""Registering decoupled cross-attention on a cloned host model, through the host's own patch mechanism
+(Flux models: ``flux_patch``).
 
 The layer list is read from the model itself (fine-tunes and distilled UNets have other depths), in
 the order adapter files number their layers: input blocks, output blocks, then the middle block, which
@@ -29,16 +30,35 @@ class AdapterModelMismatch(ValueError):
 
 @dataclass(frozen=True)
 class Layer:
-    key: LayerKey          # the host's (block, id, depth index) of this cross-attention
+    key: LayerKey          # the host's (block, id, depth index) of this cross-attention, or (DiT block name, i, 0)
     width: int             # C: the attention's inner width
     context_dim: int       # D: the width of what it attends to
     transformer_index: int  # its attention block, counted in execution order (input, middle, output)
+    family: str = "unet"   # "unet" | "flux" | "sd3"
+
+
+DIT_BLOCK = "double_block"  # the host's name of Flux's double-stream and the MMDiT's joint blocks in DiT block patches
+FAMILIES = {"unet": ("a UNet", "cross-attention layers"), "flux": ("a Flux transformer", "double-stream blocks"),
+            "sd3": ("an SD3 MMDiT", "joint blocks")}
+ADAPTER_FAMILY = {"flux": "flux", "sd35": "sd3"}  # adapter bases by model family ("unet" for the others)
 
 
 def cross_attention_layers(model_patcher) -> tuple[list[Layer], int]:
-    """Every cross-attention layer in adapter-file order (input, output, then middle blocks), and the
-    number of attention blocks (spatial transformers) of the UNet."""
+    """Every layer an adapter patches, in adapter-file order, and the number of attention blocks: a UNet's
+    cross-attention layers (input, output, then middle blocks) over its spatial transformers; a Flux model's
+    double-stream blocks (D: the width of its text input, the image tokens' width) or an MMDiT's joint blocks
+    (D: its own width), each its own block."""
     unet = model_patcher.get_model_object("diffusion_model")
+    if hasattr(unet, "double_blocks"):
+        context = unet.txt_in.in_features
+        return [Layer((DIT_BLOCK, i, 0), block.hidden_size, context, i, "flux")
+                for i, block in enumerate(unet.double_blocks)], len(unet.double_blocks)
+    if hasattr(unet, "joint_blocks"):
+        return [Layer((DIT_BLOCK, i, 0), unet.hidden_size, unet.hidden_size, i, "sd3")
+                for i in range(len(unet.joint_blocks))], len(unet.joint_blocks)
+    if not hasattr(unet, "input_blocks"):
+        raise AdapterModelMismatch(f"model: IP-Adapters here patch SD1.5 and SDXL UNets, Flux transformers and SD3.5 "
+                                   f"MMDiTs; this model is a {type(unet).__name__}")
     blocks = {"input": list(enumerate(unet.input_blocks)), "output": list(enumerate(unet.output_blocks)),
               "middle": [(0, unet.middle_block)] if unet.middle_block is not None else []}
     found = {}  # block name -> [(block id, depth, attn2, transformer module)]
@@ -57,12 +77,18 @@ def check_fit(adapter: AdapterFile, layers: list[Layer]) -> None:
     context_dims = {layer.context_dim for layer in layers}
     model_widths = tuple(layer.width for layer in layers)
     v = adapter.variant
-    if context_dims != {v.context_dim} or model_widths != adapter.layer_widths:
-        model_kind = {768: "SD1.5", 2048: "SDXL"}.get(next(iter(context_dims), 0), "another")
+    family = layers[0].family if layers else "unet"
+    fits = ADAPTER_FAMILY.get(v.base, "unet") == family and model_widths == adapter.layer_widths and \
+        context_dims == {adapter.context_dim}
+    if not fits:
+        model_kind = FAMILIES[family][0]
+        if family == "unet":
+            model_kind = {768: "an SD1.5 UNet", 2048: "an SDXL UNet"}.get(next(iter(context_dims), 0), "another UNet")
         raise AdapterModelMismatch(
-            f"{adapter.name} is a {v.base.upper()} IP-Adapter ({len(adapter.layer_widths)} cross-attention layers, "
-            f"context width {v.context_dim}) but the model is an {model_kind} UNet ({len(layers)} cross-attention "
-            f"layers, context width {'/'.join(map(str, sorted(context_dims)))}): load an adapter made for this model")
+            f"{adapter.name} is a {v.base.upper()} IP-Adapter ({len(adapter.layer_widths)} "
+            f"{FAMILIES[ADAPTER_FAMILY.get(v.base, 'unet')][1]}, context width {adapter.context_dim}) but the model is "
+            f"{model_kind} ({len(layers)} {FAMILIES[family][1]}, context width "
+            f"{'/'.join(map(str, sorted(context_dims)))}): load an adapter made for this model")
 
 
 def uncond_chunks(options: dict) -> tuple[bool, ...]:
@@ -98,10 +124,19 @@ def _tag_uncond_conds(executor, *args, **kwargs):
     return executor(*args, **kwargs)
 
 
+def tag_uncond_conds(patched) -> None:
+    """Have the guider record its non-positive conditionings on ``patched`` (once per model)."""
+    if not patched.get_wrappers(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY):
+        patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, _tag_uncond_conds)
+
+
 def patch_model(model_patcher, adapter: AdapterFile, spec: AdapterSpec):
-    """A clone of ``model_patcher`` with ``spec`` added to its decoupled cross-attention (the input is untouched)."""
+    """A clone of ``model_patcher`` with ``spec`` added to its image attention (the input is untouched)."""
     layers, _ = cross_attention_layers(model_patcher)
     check_fit(adapter, layers)
+    if layers[0].family == "flux":
+        from .flux_patch import patch_flux
+        return patch_flux(model_patcher, spec)
     patched = model_patcher.clone()
     replaces = patched.model_options["transformer_options"].get("patches_replace", {}).get("attn2", {})
     previous = replaces.get(layers[0].key)
@@ -110,6 +145,5 @@ def patch_model(model_patcher, adapter: AdapterFile, spec: AdapterSpec):
                                     adapters, uncond_chunks, window_frames)
     for layer in layers:
         patched.set_model_attn2_replace(patch, *layer.key)
-    if not patched.get_wrappers(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY):
-        patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, _tag_uncond_conds)
+    tag_uncond_conds(patched)
     return patched

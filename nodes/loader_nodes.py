@@ -16,27 +16,30 @@ from .ipadapter_inputs import CATEGORY, REUSE_INPUT, Adapter
 from .ipadapter_patch import AdapterModelMismatch, check_fit, cross_attention_layers
 
 FOLDER = "ipadapter"
+XLABS_FOLDER = ("xlabs", "ipadapters")  # where XLabs' own nodes read its Flux adapters from
 
 
 def register_model_folder() -> None:
-    """models/ipadapter, plus any ``ipadapter:`` entries of the user's extra_model_paths.yaml."""
+    """models/ipadapter and models/xlabs/ipadapters, plus any ``ipadapter:`` entries of the user's
+    extra_model_paths.yaml."""
     default = os.path.join(folder_paths.models_dir, FOLDER)
     if FOLDER not in folder_paths.folder_names_and_paths:
         folder_paths.add_model_folder_path(FOLDER, default)
     paths, extensions = folder_paths.folder_names_and_paths[FOLDER]
-    if default not in paths:
-        paths.append(default)
+    for folder in (default, os.path.join(folder_paths.models_dir, *XLABS_FOLDER)):
+        if folder not in paths:
+            paths.append(folder)
     if not extensions:
         folder_paths.folder_names_and_paths[FOLDER] = (paths, set(folder_paths.supported_pt_extensions))
 
 
 def model_base(model) -> str:
-    """"sd15" or "sdxl" (Kolors has the SDXL layout) from the model's cross-attention width."""
+    """"sd15", "sdxl" (Kolors has the SDXL layout) or "flux" from the width the model's image K/V are made from."""
     layers, _ = cross_attention_layers(model)
-    base = {768: "sd15", 2048: "sdxl"}.get(layers[0].context_dim if layers else 0)
+    base = {768: "sd15", 2048: "sdxl", 4096: "flux"}.get(layers[0].context_dim if layers else 0)
     if base is None:
-        raise ValueError("model: the unified loaders know SD1.5 (context 768) and SDXL (context 2048) UNets; "
-                         "load an adapter file with Load IP-Adapter instead")
+        raise ValueError("model: the unified loaders know SD1.5 (context 768) and SDXL (context 2048) UNets and Flux "
+                         "transformers; load an adapter file with Load IP-Adapter instead")
     return base
 
 
@@ -73,12 +76,12 @@ class ImagePromptUnifiedLoader(io.ComfyNode):
             node_id="ImagePromptUnifiedLoader",
             display_name="IP-Adapter Unified Loader",
             category=CATEGORY,
-            description="Finds the IP-Adapter of a preset for the connected model (SD1.5 or SDXL) and the CLIP "
+            description="Finds the IP-Adapter of a preset for the connected model (SD1.5, SDXL or Flux) and the CLIP "
                         "vision it needs, under the file names users have; a missing file is named in the error.",
             inputs=[io.Model.Input("model", tooltip="The model the adapter is for; passed through unchanged."),
                     io.Combo.Input("preset", options=list(PRESETS), default="STANDARD",
                                    tooltip="Which adapter: light, standard, ViT-G, plus, plus face, full face, "
-                                           "composition, Kolors plus."),
+                                           "composition, Kolors plus, XLabs' Flux v1 or v2."),
                     REUSE_INPUT],
             outputs=[io.Model.Output(), Adapter.Output(display_name="ipadapter"), io.ClipVision.Output()],
         )

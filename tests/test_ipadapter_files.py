@@ -164,3 +164,36 @@ def test_presets_find_files_under_the_names_users_have():
         ["CLIP-ViT-bigG-14-laion2B-39B-b160k.safetensors"]
     with pytest.raises(ValueError, match="'FULL FACE - SD1.5 only' has no SDXL IP-Adapter"):
         preset_variant("FULL FACE - SD1.5 only", "sdxl")
+
+
+@pytest.mark.parametrize("stem, variant, tokens", [("flux-ip-adapter", "xlabs_flux", 4),
+                                                   ("flux-ip-adapter-v2", "xlabs-v2_flux", 16)])
+def test_xlabs_flux_files_are_identified_at_the_published_depth(stem, variant, tokens, tmp_path):
+    """XLabs' flat keys over FLUX.1's 19 double-stream blocks (a weights-only pickle of the same keys here; the
+    Flux parity tests read the safetensors form): K/V with biases, numbered by block."""
+    from tools.factory.dit_models import xlabs_adapter
+    path = tmp_path / f"{stem}.bin"
+    factory.write_state_dict(xlabs_adapter(stem, 3, blocks=19), path)
+    adapter = load_adapter(path)
+    assert (adapter.variant.name, adapter.variant.encoder, adapter.variant.tokens) == (variant, "ViT-L-14", tokens)
+    assert adapter.layer_widths == (3072,) * 19 and list(adapter.layer_ids) == list(range(19))
+    assert len(adapter.kv_weights("k", "bias")) == 19 and adapter.kv_weights("v")[0].shape == (3072, 4096)
+    result = subprocess.run([sys.executable, "-m", "ipadapter_core.inspect", str(path)], capture_output=True,
+                            text=True, cwd=factory.comfy_host.REPO_ROOT)
+    assert json.loads(result.stdout) == {"file": str(path), "variant": variant, "base": "flux", "tokens": tokens,
+                                         "encoder": "ViT-L-14", "encoder_output": "image_embeds",
+                                         "faceid_lora": False, "encoder_file": "clip_vision_l.safetensors"}
+
+
+def test_xlabs_flux_presets_find_the_names_users_give_the_files():
+    from ipadapter_core.variants import ENCODER_FILE_PATTERNS, PUBLIC_FILES, files_named_like, preset_variant
+    listing = ["flux-ip-adapter.safetensors", "xlabs/flux-ip-adapter-v2.safetensors", "ip-adapter_sd15.bin"]
+    assert files_named_like(PUBLIC_FILES[preset_variant("FLUX XLABS", "flux").name][0], listing) == \
+        ["flux-ip-adapter.safetensors"]
+    assert files_named_like(PUBLIC_FILES[preset_variant("FLUX XLABS V2", "flux").name][0], listing) == \
+        ["xlabs/flux-ip-adapter-v2.safetensors"]
+    assert files_named_like(ENCODER_FILE_PATTERNS["ViT-L-14"], ["clip-vit-large-patch14-336.bin", "clip_vision_l.pt",
+                                                                "clip-vit-large-patch14.safetensors"]) == \
+        ["clip-vit-large-patch14.safetensors", "clip_vision_l.pt"]
+    with pytest.raises(ValueError, match="'FLUX XLABS' has no SD15 IP-Adapter"):
+        preset_variant("FLUX XLABS", "sd15")

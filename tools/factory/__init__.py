@@ -20,6 +20,7 @@ import torch
 
 from .. import comfy_host
 from . import host_models as hm
+from .pool import WeightPools
 
 
 @dataclass(frozen=True)
@@ -31,7 +32,7 @@ class FactoryModel:
 
 
 def _catalogue() -> dict[str, FactoryModel]:
-    from . import edit_models, ipadapters
+    from . import dit_models, edit_models, ipadapters
     entries = [
         FactoryModel("checkpoints/tiny_sd15.ckpt", lambda: hm.sd15_checkpoint(hm.TINY_SD15_UNET, seed=1),
                      ("v1-5-pruned-emaonly.safetensors", "v1-5-pruned-emaonly-fp16.safetensors")),
@@ -51,7 +52,24 @@ def _catalogue() -> dict[str, FactoryModel]:
                      ("CLIP-ViT-bigG-14-laion2B-39B-b160k.safetensors",)),
         FactoryModel("clip_vision/clip-vit-large-patch14-336.pt", lambda: hm.clip_vision("ViT-L-14-336", seed=8),
                      ("clip-vit-large-patch14-336.bin",)),
+        FactoryModel("clip_vision/clip_vision_l.pt", lambda: hm.clip_vision("ViT-L-14", seed=10),
+                     ("clip_vision_l.safetensors",)),
+        FactoryModel(f"diffusion_models/{FLUX_FILE}", lambda: dit_models.flux_transformer(dit_models.FLUX_REDUCED, 30),
+                     ("flux1-dev.safetensors", "flux1-dev-fp8.safetensors")),
+        FactoryModel("controlnet/flux_controlnet_layout.pth", lambda: dit_models.xlabs_controlnet(33),
+                     ("flux-canny-controlnet-v3.safetensors",)),
+        FactoryModel("vae/flux_ae_layout.pt", lambda: dit_models.flux_vae(34), ("ae.safetensors",)),
+        FactoryModel("clip_vision/sigclip_vision_patch14_384.pt", lambda: dit_models.siglip_vision(36),
+                     ("sigclip_vision_patch14_384.safetensors",)),
+        FactoryModel("checkpoints/sd35_layout.ckpt", lambda: dit_models.sd35_checkpoint(37), ("sd3.5_large.safetensors",)),
+        FactoryModel("ipadapter/sd35_layout_ip-adapter.bin",  # InstantX's adapter sized to that MMDiT (2 blocks of 128)
+                     lambda: dit_models.instantx_sd35_adapter(39, blocks=2, hidden=128), ("ip-adapter.bin",)),
+        # CLIP-L text alone (the Flux examples' clip_l.safetensors); see tools.run_example for the T5 it pairs with
+        FactoryModel("text_encoders/clip_l.pt", lambda: hm.clip_l_text(WeightPools(35)), ("clip_l.safetensors",)),
     ]
+    for seed, stem in enumerate(dit_models.XLABS_TOKENS, start=31):  # sized to the reduced Flux's double blocks
+        entries.append(FactoryModel(f"ipadapter/{stem}.bin", lambda s=stem, seed=seed: dit_models.xlabs_adapter(
+            s, seed, dit_models.FLUX_REDUCED["depth"]), (f"{stem}.safetensors",)))
     for seed, variant in enumerate(ipadapters.VARIANTS, start=100):
         for ext in (".bin", ".safetensors"):
             entries.append(FactoryModel(f"ipadapter/{variant.stem}{ext}",
@@ -65,6 +83,7 @@ def _catalogue() -> dict[str, FactoryModel]:
 
 
 HQ_EDIT_FILE = "diffusion_pytorch_model.safetensors"  # a diffusers UNet folder's weights file
+FLUX_FILE = "flux1_layout.pt"  # FLUX.1-dev's layout with 2 double- and 1 single-stream blocks
 # Cross-attention widths of the tiny SD1.5 UNet in adapter order (input 1, output 0, output 1, middle).
 TINY_SD15_WIDTHS = (320, 320, 320, 320)
 CATALOGUE = _catalogue()

@@ -47,6 +47,8 @@ CLIP_VISION = {
                         image_size=224, patch_size=14, projection_dim=1280, hidden_act="gelu"),
     "ViT-L-14-336": dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
                          image_size=336, patch_size=14, projection_dim=768, hidden_act="quick_gelu"),
+    "ViT-L-14": dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                     image_size=224, patch_size=14, projection_dim=768, hidden_act="quick_gelu"),
 }
 
 SD15_VAE_SCALE = 0.18215

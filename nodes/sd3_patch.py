@@ -1,0 +1,182 @@
+"""Image prompts on SD3.5: InstantX's image attention inside each joint block, through the host's DiT block patch.
+
+Per step, the adapter's time-conditioned resampler turns the reference's SigLIP hidden states into tokens [B, T, D]
+and a time embedding temb [B, 1280]. In joint block i, as InstantX trained it (and as diffusers'
+SD3IPAdapterJointAttnProcessor2_0 computes it):
+
+    ip = LayerNorm(tokens) * (1 + scale_i) + shift_i,     (shift_i, scale_i) = Linear_i(SiLU(temb))
+    x_attn += w_i * Attn(RMS_q,i(q), [RMS_k,i(k) ; RMS_ip,i(ip W_k,i)], [v ; ip W_v,i])
+
+where q, k, v [B, N, D] are the block's own image-stream projections (q and k before its norms), and x_attn the image
+stream's joint-attention output, before the block's output projection, gate and MLP. The block's q/k norms are
+RMS norms, so the adapter's norm of q is the block's normed q times (adapter weight / block weight), per channel.
+The patch runs the block's own pre- and post-attention steps and the host's attention around that addition.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from comfy.ldm.modules.attention import optimized_attention
+
+from ..ipadapter_core.batch_layout import BatchLayout
+from .ipadapter_patch import DIT_BLOCK, tag_uncond_conds, uncond_chunks
+
+NORM_EPS = 1e-6
+
+
+@dataclass(frozen=True)
+class TimeConditionedSpec:
+    """One SD3.5 adapter on one model: the reference's hidden states (cond / uncond, [1, N, E]), the resampler,
+    the per-block weights of the file (``blocks[i]``: the ``{i}.*`` tensors without the prefix), a weight per
+    block (0 skips it) and the sigma range (high, low) or None."""
+    cond_embeds: torch.Tensor
+    uncond_embeds: torch.Tensor
+    resampler: torch.nn.Module
+    blocks: tuple[dict[str, torch.Tensor], ...]
+    layer_weights: tuple[float, ...]
+    sigma_range: tuple[float, float] | None = None
+    _moved: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def block(self, index: int, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """Block ``index``'s adapter weights on ``device`` in ``dtype`` (copied once)."""
+        key = (index, device, dtype)
+        if key not in self._moved:
+            self._moved[key] = {k: v.to(device, dtype) for k, v in self.blocks[index].items()}
+        return self._moved[key]
+
+
+class SD3ImagePrompt:
+    """The image terms of one patched SD3.5 model's adapters; one ``JointBlockPatch`` per joint block calls it.
+
+    ``timestep(sigmas)`` is the model's timestep of a step's sigma (what the resampler is conditioned on)."""
+
+    def __init__(self, blocks, adapters: tuple[TimeConditionedSpec, ...], timestep):
+        self.blocks = blocks
+        self.adapters = adapters
+        self.timestep = timestep
+        self._step: tuple[object, BatchLayout | None, dict] = (None, None, {})
+        self._ratios: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._ranges: dict[tuple, torch.Tensor] = {}
+
+    def tokens(self, index: int, layout: BatchLayout, sigmas: torch.Tensor, device, dtype):
+        """Adapter ``index``'s (tokens [B, T, D], temb [B, W]) at this step: computed at the first block, reused."""
+        step_sigmas, step_layout, cache = self._step
+        if sigmas is not step_sigmas or layout != step_layout:
+            cache = {}
+            self._step = (sigmas, layout, cache)
+        if index not in cache:
+            spec = self.adapters[index]
+            rows = torch.cat([spec.uncond_embeds if uncond else spec.cond_embeds
+                              for uncond in layout.uncond for _ in range(layout.rows)])
+            t = self.timestep(sigmas[:1]).float().to(device).expand(rows.shape[0])
+            resampler = spec.resampler.to(device)
+            with torch.no_grad():
+                tokens, temb = resampler(rows.to(device, torch.float32), t)
+            cache[index] = (tokens.to(dtype), temb.to(dtype))
+        return cache[index]
+
+    def norm_ratios(self, block, weights: dict, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(adapter norm_q / block ln_q, adapter norm_k / block ln_k) weights, [head_dim] each."""
+        key = (id(block), id(weights), device, dtype)
+        if key not in self._ratios:
+            attn = block.x_block.attn
+            self._ratios[key] = tuple((weights[name] / norm.weight.to(device, dtype)) for name, norm in
+                                      (("norm_q.weight", attn.ln_q), ("norm_k.weight", attn.ln_k)))
+        return self._ratios[key]
+
+    def gate(self, index: int, sigmas: torch.Tensor, device, dtype) -> torch.Tensor | float:
+        """1 where this step's sigma is in adapter ``index``'s range, else 0; on the device (no host sync)."""
+        spec = self.adapters[index]
+        if spec.sigma_range is None:
+            return 1.0
+        if (index, device) not in self._ranges:
+            self._ranges[(index, device)] = torch.tensor(spec.sigma_range, device=device)
+        high, low = self._ranges[(index, device)]
+        return ((sigmas[:1].to(device) <= high) & (sigmas[:1].to(device) >= low)).to(dtype)
+
+    def image_term(self, block_index: int, x_qkv, layout: BatchLayout, sigmas: torch.Tensor) -> torch.Tensor | None:
+        """Every adapter's term for the image stream of joint block ``block_index`` ([B, N, D]), or None."""
+        block = self.blocks[block_index]
+        q, k, v = x_qkv
+        b, n, d = q.shape
+        heads = block.x_block.attn.num_heads
+        total = None
+        for index, spec in enumerate(self.adapters):
+            weight = spec.layer_weights[block_index]
+            if weight == 0:
+                continue
+            p = spec.block(block_index, q.device, q.dtype)
+            tokens, temb = self.tokens(index, layout, sigmas, q.device, q.dtype)
+            shift, scale = F.linear(F.silu(temb), p["norm_ip.linear.weight"], p["norm_ip.linear.bias"]).chunk(2, dim=-1)
+            ip = F.layer_norm(tokens, (tokens.shape[-1],), eps=NORM_EPS) * (1 + scale[:, None]) + shift[:, None]
+            ip_k = F.rms_norm((ip @ p["to_k_ip.weight"].T).unflatten(-1, (heads, -1)), (d // heads,),
+                              p["norm_ip_k.weight"], NORM_EPS)
+            ip_v = (ip @ p["to_v_ip.weight"].T).unflatten(-1, (heads, -1))
+            q_ratio, k_ratio = self.norm_ratios(block, p, q.device, q.dtype)
+            queries = (q.unflatten(-1, (heads, -1)) * q_ratio).transpose(1, 2)
+            keys = torch.cat([k.unflatten(-1, (heads, -1)) * k_ratio, ip_k], dim=1).transpose(1, 2)
+            values = torch.cat([v.reshape(b, n, heads, -1), ip_v], dim=1).transpose(1, 2)  # v comes per head
+            term = F.scaled_dot_product_attention(queries, keys, values).transpose(1, 2).reshape(b, n, d)
+            term = term * (weight * self.gate(index, sigmas, q.device, q.dtype))
+            total = term if total is None else total + term
+        return total
+
+
+class JointBlockPatch:
+    """The ("dit", "double_block", i) patch of joint block i: the host's block mixing, with the image term added to
+    the image stream's attention output."""
+
+    def __init__(self, prompt: SD3ImagePrompt, index: int):
+        self.prompt = prompt
+        self.index = index
+
+    def __call__(self, args: dict, extra: dict) -> dict:
+        options = args["transformer_options"]
+        block = self.prompt.blocks[self.index]
+        context, x, c = args["txt"], args["img"], args["vec"]
+        context_qkv, context_rest = block.context_block.pre_attention(context, c)
+        x_qkv, x_rest = block.x_block.pre_attention(x, c)
+        qkv = [torch.cat((a, b), dim=1) for a, b in zip(context_qkv, x_qkv)]
+        attn = optimized_attention(*qkv, heads=block.x_block.attn.num_heads, transformer_options=options)
+        context_attn, x_attn = attn[:, :context_qkv[0].shape[1]], attn[:, context_qkv[0].shape[1]:]
+        flags = uncond_chunks(options)
+        layout = BatchLayout(flags, x.shape[0] // len(flags))
+        term = self.prompt.image_term(self.index, x_qkv, layout, options["sigmas"])
+        if term is not None:
+            x_attn = x_attn + term
+        context = None if block.context_block.pre_only else block.context_block.post_attention(context_attn,
+                                                                                               *context_rest)
+        return {"txt": context, "img": block.x_block.post_attention(x_attn, *x_rest)}
+
+    def __deepcopy__(self, memo):
+        return self  # clones share it (see DecoupledCrossAttention.__deepcopy__)
+
+    def to(self, *args, **kwargs):
+        return self  # weights are moved per device and dtype when used
+
+
+def joint_blocks(model_patcher):
+    """The MMDiT's joint blocks, or ValueError when a block has the layout the adapter was not trained on."""
+    mmdit = model_patcher.get_model_object("diffusion_model")
+    blocks = mmdit.joint_blocks
+    if any(block.x_block.x_block_self_attn for block in blocks):
+        raise ValueError("model: this MMDiT has the SD3.5 Medium layout (a second image attention in its first "
+                         "blocks); InstantX's adapter is for SD3.5 Large")
+    return blocks
+
+
+def patch_sd3(model_patcher, spec: TimeConditionedSpec):
+    """A clone of ``model_patcher`` (an SD3.5-Large MMDiT) with ``spec`` added to its joint blocks' image stream."""
+    blocks = joint_blocks(model_patcher)
+    patched = model_patcher.clone()
+    replaces = patched.model_options["transformer_options"].get("patches_replace", {}).get("dit", {})
+    previous = replaces.get((DIT_BLOCK, 0))
+    adapters = (previous.prompt.adapters if isinstance(previous, JointBlockPatch) else ()) + (spec,)
+    sampling = model_patcher.get_model_object("model_sampling")
+    prompt = SD3ImagePrompt(blocks, adapters, sampling.timestep)
+    for i in range(len(blocks)):
+        patched.set_model_patch_replace(JointBlockPatch(prompt, i), "dit", DIT_BLOCK, i)
+    tag_uncond_conds(patched)
+    return patched
