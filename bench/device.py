@@ -5,7 +5,7 @@ The machine has its own Python (3.12, x86_64) with torch and most of the host's 
 which ``tools.comfy_host`` unpacks ComfyUI there, as here) and the wheels of the host's requirements that the
 machine's image lacks, at the versions of tools/requirements-lock.txt; ``cubiq_pack/``, a copy of an unpacked
 ComfyUI_IPAdapter_plus to compare with (never committed). ``run`` installs those wheels there, offline, and
-runs ``RUNS`` in order (SD1.5 first, SDXL, the longest, last), each result and one log into $OUT:
+runs ``RUNS`` in order (SD1.5 first, the reduced Flux, SDXL, the longest, last), each result and one log into $OUT:
 
     .venv/bin/python -m bench.device bundle --cubiq /tmp/cubiq_pack                 # here
     run(command="python3 -m bench.device run", carry=[".device"], timeout_s=540)     # there
@@ -46,6 +46,7 @@ RUNS = (  # result file, bench module, its arguments there, its arguments for --
     ("edit_guider_full_512_gpu.json", "bench.edit_guider", ("--unet", "full", "--size", "512", "--rounds", "20",
                                                             "--device"),
      ("--unet", "tiny", "--size", "64", "--rounds", "1", "--device")),
+    ("flux_budget_gpu.json", "bench.flux_budget", ("--device", "--rounds", "20"), ("--rounds", "1")),
     ("gpu_step_sdxl_1024.json", "bench.gpu_step", ("--model", "sdxl", "--size", "1024", "--steps", "20", "--rounds",
                                                   "3", *CUBIQ), TINY_STEPS),
 )

@@ -33,7 +33,18 @@ MODEL_INPUTS = {
     "ControlNetLoader": ("control_net_name", "controlnet"),
     "CLIPVisionLoader": ("clip_name", "clip_vision"),
     "ImagePromptAdapterLoader": ("ipadapter_file", "ipadapter"),
+    "UNETLoader": ("unet_name", "diffusion_models"),
+    "VAELoader": ("vae_name", "vae"),
+    "CLIPLoader": ("clip_name", "text_encoders"),
 }
+# Loader nodes the built-in models replace by another node. Flux's and SD3.5's text encoders: the host builds T5-XXL
+# at its one size (4.7 B parameters, 19 GB in float32), so the stand-in is CLIP-L alone, loaded as SD3 loads it
+# without T5 and CLIP-G (its tokens zero-padded to T5's 4096 channels, its pooled output first in the pooled
+# vector): the inputs Flux and SD3 read, in the shapes they read them.
+NODE_STAND_INS = {("DualCLIPLoader", "flux"): lambda inputs: {"class_type": "CLIPLoader",
+                                                              "inputs": {"clip_name": inputs["clip_name2"], "type": "sd3"}},
+                  ("TripleCLIPLoader", None): lambda inputs: {"class_type": "CLIPLoader",
+                                                              "inputs": {"clip_name": inputs["clip_name1"], "type": "sd3"}}}
 
 
 # Real files whose stand-in is a full-size factory layout (built on demand, not named by the factory itself).
@@ -59,13 +70,16 @@ def as_our_node(table: MigrationTable, class_type: str, preset) -> tuple[str, ob
 
 def map_to_stand_ins(prompt: dict) -> tuple[dict, set[str]]:
     """Replace real model file names by the factory files standing in for them (in our nodes and in
-    ComfyUI_IPAdapter_plus's node ids).
+    ComfyUI_IPAdapter_plus's node ids), and the loaders of NODE_STAND_INS by the nodes that load their stand-ins.
 
     Returns the mapped prompt and the factory files it needs (``"<folder>/<file>"``)."""
     mapped = json.loads(json.dumps(prompt))
     needed = set()
     table = MigrationTable.load()
     for node_id, node in mapped.items():
+        replace = NODE_STAND_INS.get((node["class_type"], node.get("inputs", {}).get("type")))
+        if replace:  # keeps the node id: its outputs stay linked
+            mapped[node_id] = node = {**node, **replace(node["inputs"])}
         kind, preset = as_our_node(table, node["class_type"], node.get("inputs", {}).get("preset"))
         presets = PRESET_LOADERS.get(kind)
         if presets:  # the loader finds its file by name: build the (SD1.5) stand-in the preset means

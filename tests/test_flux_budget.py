@@ -1,0 +1,33 @@
+"""The Flux image prompt's per-step dispatch cost, counted with the torch profiler (independent of machine speed)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bench.flux_budget import FluxBench, dispatch
+
+pytestmark = pytest.mark.host
+
+
+@pytest.fixture(scope="module")
+def bench(host):
+    return FluxBench()
+
+
+def test_no_host_syncs_and_a_fixed_number_of_operators_per_block(bench):
+    """Per double-stream block: the image query (modulation, norm, qkv, RMS norm), one attention, one add; a second
+    adapter joins the same attention call (equal token counts) or adds one more (4 and 16 tokens)."""
+    result = dispatch(bench, {"one": ["v1"], "same tokens": ["v1", "v1"], "other tokens": ["v1", "v2"]})
+    one, same, other = (result["cases"][k] for k in ("one", "same tokens", "other tokens"))
+    assert result["bare_syncs"] == 0 and all(row["syncs_added"] == 0 for row in (one, same, other))
+    assert one["ops_per_block"] <= 16
+    assert same["ops_added"] <= one["ops_added"] + 2 * result["blocks"]  # K/V concatenated once, not per step
+    assert other["ops_added"] <= one["ops_added"] + 4 * result["blocks"]
+
+
+def test_a_mask_and_a_sigma_range_add_no_host_syncs(bench):
+    mask = torch.zeros(1, 64, 64)
+    mask[:, :, :32] = 1.0
+    for batch in (1, 2):
+        (row,) = dispatch(bench, {"v1": ["v1"]}, batch=batch, attn_mask=mask, start_at=0.1, end_at=0.9)["cases"].values()
+        assert row["syncs_added"] == 0
