@@ -42,9 +42,11 @@ MODEL_INPUTS = {
 # without T5 and CLIP-G (its tokens zero-padded to T5's 4096 channels, its pooled output first in the pooled
 # vector): the inputs Flux and SD3 read, in the shapes they read them.
 NODE_STAND_INS = {("DualCLIPLoader", "flux"): lambda inputs: {"class_type": "CLIPLoader",
-                                                              "inputs": {"clip_name": inputs["clip_name2"], "type": "sd3"}},
+                                                              "inputs": {"clip_name": inputs["clip_name2"], "type": "sd3",
+                                                                         "device": "default"}},
                   ("TripleCLIPLoader", None): lambda inputs: {"class_type": "CLIPLoader",
-                                                              "inputs": {"clip_name": inputs["clip_name1"], "type": "sd3"}}}
+                                                              "inputs": {"clip_name": inputs["clip_name1"], "type": "sd3",
+                                                                         "device": "default"}}}
 
 
 # Real files whose stand-in is a full-size factory layout (built on demand, not named by the factory itself).
