@@ -106,7 +106,7 @@ def test_wrong_clip_vision_is_named_before_sampling(host, patched, need_models):
     (adapter,) = run_node(host, "ImagePromptAdapterLoader", ipadapter_file=ADAPTER)
     (wrong,) = host.CLIPVisionLoader().load_clip("clip-vit-large-patch14-336.pt")
     with pytest.raises(ValueError, match=r"needs the CLIP vision ViT-H-14 \(CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors, "
-                                         r"hidden width 1280\); the connected CLIP vision is ViT-L-14-336"):
+                                         r"hidden width 1280, 224 px\); the connected CLIP vision is ViT-L-14-336"):
         run_node(host, "ImagePromptApply", model=model, ipadapter=adapter, clip_vision=wrong,
                  image=torch.rand(1, 64, 64, 3), weight=1.0)
 
