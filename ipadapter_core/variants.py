@@ -28,12 +28,11 @@ FACE_EMBEDDING = "face-embedding"  # InsightFace ArcFace, 512 values per face
 
 # Model families by the width D of what the image K/V are made from (the in-dim of every to_k_ip / to_v_ip):
 # a UNet's cross-attention context, or for Flux the image tokens' own width (its text encoder's, T5's 4096).
-# ``layers``: the patched attentions of the full model (UNet cross-attentions, Flux double-stream blocks).
-BASES = {"sd15": dict(context_dim=768, layers=16, model="SD1.5 UNet"),
-         "sdxl": dict(context_dim=2048, layers=70, model="SDXL UNet"),
-         "kolors": dict(context_dim=2048, layers=70, model="SDXL UNet"),
-         "flux": dict(context_dim=4096, layers=19, model="Flux transformer"),
-         "sd35": dict(context_dim=None, layers=38, model="SD3.5-Large MMDiT")}  # D: the transformer's own width
+# ``layers``: the patched attentions of the full model (UNet cross-attentions, Flux double-stream or MMDiT joint
+# blocks).
+BASES = {"sd15": dict(context_dim=768, layers=16), "sdxl": dict(context_dim=2048, layers=70),
+         "kolors": dict(context_dim=2048, layers=70), "flux": dict(context_dim=4096, layers=19),
+         "sd35": dict(context_dim=None, layers=38)}  # sd35: D is the transformer's own width
 DIT_BASES = ("flux", "sd35")  # adapter files number their layers by block, 0, 1, 2, ...
 
 # Projection kinds (image_proj layouts):

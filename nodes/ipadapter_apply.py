@@ -8,7 +8,7 @@ from ..ipadapter_core.adapter_spec import AdapterSpec
 from ..ipadapter_core.apply_options import ApplyOptions
 from ..ipadapter_core.embeds import combine_embeds
 from ..ipadapter_core.weights import LayerWeights, explicit_layer_weights, layer_weights
-from .ipadapter_encode import LoadedAdapter, image_tokens, reference_embeds
+from .ipadapter_encode import LoadedAdapter, image_tokens, paired_embeds, reference_embeds
 from .ipadapter_patch import check_fit, cross_attention_layers, patch_model
 from .sd3_patch import TimeConditionedSpec, patch_sd3
 
@@ -62,9 +62,8 @@ def time_conditioned_spec(model, adapter: LoadedAdapter, cond: torch.Tensor, unc
         raise ValueError(f"{unsupported[0]}: not supported with {adapter.file.name} ({adapter.file.variant.name}) "
                          f"yet; leave it at its default")
     weights, sigma_range = weights_and_range(model, adapter, options)
-    uncond = torch.zeros_like(cond) if uncond is None else uncond  # the reference pipeline's negative
-    cond, uncond = (combine_embeds(e, options.combine_embeds).float().cpu() for e in (cond, uncond))
-    cond, uncond = cond.reshape(1, -1, cond.shape[-1]), uncond[:1].expand(1, *cond.shape[1:]).clone()
+    cond, uncond = (combine_embeds(e, options.combine_embeds).float().cpu().reshape(1, -1, e.shape[-1])
+                    for e in paired_embeds(adapter, cond, uncond))
     blocks = tuple({k.split(".", 1)[1]: v for k, v in adapter.file.ip_adapter.items() if k.split(".", 1)[0] == str(i)}
                    for i in adapter.file.layer_ids)
     return TimeConditionedSpec(cond, uncond, adapter.projection, blocks, weights.weights, sigma_range)

@@ -108,6 +108,17 @@ def reference_embeds(adapter: LoadedAdapter, clip_vision, image: torch.Tensor, n
     return embeds, encode_images(adapter, clip_vision, negative, output, "image_negative")
 
 
+def paired_embeds(adapter: LoadedAdapter, embeds: torch.Tensor,
+                  uncond: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """EMBEDS and their uncond EMBEDS, both checked against the adapter; ``uncond`` defaults to zeros and is
+    cycled to the n images of ``embeds``."""
+    variant, name = adapter.file.variant, adapter.file.name
+    check_embeds(variant, name, tuple(embeds.shape))
+    uncond = torch.zeros_like(embeds) if uncond is None else uncond
+    check_embeds(variant, name, tuple(uncond.shape))
+    return embeds, uncond[torch.arange(embeds.shape[0]) % uncond.shape[0]]
+
+
 @torch.no_grad()
 def image_tokens(adapter: LoadedAdapter, embeds: torch.Tensor, uncond: torch.Tensor | None = None,
                  combine: str = "concat", unfold: bool = False, clip_hidden=None,
@@ -119,10 +130,7 @@ def image_tokens(adapter: LoadedAdapter, embeds: torch.Tensor, uncond: torch.Ten
     if variant.projection == "time_resampler":
         raise ValueError(f"ipadapter: {name} ({variant.name}) makes its image tokens at each step; use Apply "
                          f"IP-Adapter, Apply IP-Adapter (Advanced) or Apply IP-Adapter Embeds with it")
-    check_embeds(variant, name, tuple(embeds.shape))
-    uncond = torch.zeros_like(embeds) if uncond is None else uncond
-    check_embeds(variant, name, tuple(uncond.shape))
-    uncond = uncond[torch.arange(embeds.shape[0]) % uncond.shape[0]]
+    embeds, uncond = paired_embeds(adapter, embeds, uncond)
     if not unfold:
         embeds, uncond = combine_embeds(embeds, combine), combine_embeds(uncond, combine)
         clip_hidden = clip_hidden and tuple(combine_embeds(h, combine) for h in clip_hidden)
