@@ -1,9 +1,10 @@
-"""Dispatch budget and CPU overhead of the Flux image prompt: what it adds to one step of the reduced Flux model.
+"""Dispatch budget and CPU overhead of the Flux image prompts: what they add to one step of the reduced Flux model.
 
 The factory's FLUX.1-dev layout (real widths, 2 double- and 1 single-stream blocks), 64 image tokens and 5 text
 tokens per latent, batch 1 (Flux's guidance-distilled single pass) or 2 (real CFG). Operators (each at least one
 kernel launch on a GPU) and host syncs are counted with the torch profiler as in bench.dispatch_budget, with our
-image attention in the forms it takes on a GPU, after a warm-up call; per double-stream block and adapter. The
+image attention in the forms it takes on a GPU, after a warm-up call; per patched block and adapter (XLabs' adapters
+patch the double-stream blocks, InstantX's every block). The
 CPU overhead is the median of interleaved calls' CPU time (torch on one thread), patched over bare, in one run;
 beside it the FLOP ratio (torch's FlopCounterMode), what the step would cost if time followed arithmetic.
 
@@ -26,7 +27,8 @@ from bench.dispatch_budget import SYNC_OPS, aten_ops, attention_forms_of
 from tools import comfy_host, factory
 
 MODEL = f"diffusion_models/{factory.FLUX_FILE}"
-ADAPTERS = {"v1": "ipadapter/flux-ip-adapter.bin", "v2": "ipadapter/flux-ip-adapter-v2.bin"}
+ADAPTERS = {"v1": "ipadapter/flux-ip-adapter.bin", "v2": "ipadapter/flux-ip-adapter-v2.bin",
+            "instantx": f"ipadapter/{factory.INSTANTX_FLUX_FILE}"}
 LATENT_HW = (16, 16)
 
 
@@ -44,14 +46,20 @@ class FluxBench:
         self.encode = comfy_host.pack_module("nodes.ipadapter_encode")
         self.apply = comfy_host.pack_module("nodes.ipadapter_apply")
         self.options = comfy_host.pack_module("ipadapter_core.apply_options").ApplyOptions
-        self.blocks = len(self.model.get_model_object("diffusion_model").double_blocks)
+        flux = self.model.get_model_object("diffusion_model")
+        self.double_blocks, self.all_blocks = len(flux.double_blocks), len(flux.double_blocks) + len(flux.single_blocks)
+
+    def blocks(self, versions: list[str]) -> int:
+        """The blocks these adapters patch."""
+        return self.all_blocks if "instantx" in versions else self.double_blocks
 
     def patched(self, versions: list[str], **inputs):
-        """The model with one adapter per entry of ``versions`` ("v1" / "v2"), random CLIP image embeds each."""
+        """The model with one adapter per entry of ``versions`` (keys of ADAPTERS), random image embeds each."""
         model, g = self.model, torch.Generator().manual_seed(0)
         for version in versions:
             adapter = self.encode.load(str(factory.models_dir() / ADAPTERS[version]))
-            cond, uncond = self.encode.image_tokens(adapter, torch.randn(1, 768, generator=g))
+            embeds = torch.randn(1, adapter.file.variant.embed_dim, generator=g)
+            cond, uncond = self.encode.image_tokens(adapter, embeds)
             model = self.apply.apply_tokens(model, adapter, cond, uncond, self.options.from_inputs(1.0, **inputs))
         return model
 
@@ -72,13 +80,14 @@ def dispatch(bench: FluxBench, cases: dict[str, list[str]], batch: int = 2, **in
     """Operators and syncs added per step by each case (a list of adapter versions) over the bare model."""
     with torch.no_grad(), attention_forms_of("cuda"):  # a GPU's forms, also when counted on the CPU
         bare = aten_ops(bench.step(bench.model, batch))
-        result = {"batch": batch, "blocks": bench.blocks, "bare_ops": sum(bare.values()),
+        result = {"batch": batch, "blocks": bench.double_blocks, "all_blocks": bench.all_blocks,
+                  "bare_ops": sum(bare.values()),
                   "bare_syncs": sum(bare[k] for k in SYNC_OPS), "cases": {}}
         for name, versions in cases.items():
             ops = aten_ops(bench.step(bench.patched(versions, **inputs), batch))
             added = sum(ops.values()) - result["bare_ops"]
             result["cases"][name] = {"adapters": len(versions), "ops_added": added,
-                                     "ops_per_block": added / bench.blocks,
+                                     "blocks": bench.blocks(versions), "ops_per_block": added / bench.blocks(versions),
                                      "syncs_added": sum(ops[k] for k in SYNC_OPS) - result["bare_syncs"],
                                      "added_by_op": dict((ops - bare).most_common(10))}
     return result
@@ -130,18 +139,23 @@ def main(argv: list[str]) -> int:
     bench = FluxBench()
     mask = torch.zeros(1, 64, 64)
     mask[:, :, :32] = 1.0
-    result = {"dispatch": dispatch(bench, {"v1": ["v1"], "v2": ["v2"], "v1 x2": ["v1", "v1"], "v1 + v2": ["v1", "v2"]}),
-              "dispatch_masked_gated": dispatch(bench, {"v1": ["v1"]}, attn_mask=mask, start_at=0.1, end_at=0.9),
-              "cpu_overhead": overhead(bench, ["v1"], args.rounds)}
+    result = {"dispatch": dispatch(bench, {"v1": ["v1"], "v2": ["v2"], "v1 x2": ["v1", "v1"], "v1 + v2": ["v1", "v2"],
+                                           "instantx": ["instantx"], "instantx x2": ["instantx", "instantx"]}),
+              "dispatch_masked_gated": dispatch(bench, {"v1": ["v1"], "instantx": ["instantx"]}, attn_mask=mask,
+                                                start_at=0.1, end_at=0.9),
+              "cpu_overhead": overhead(bench, ["v1"], args.rounds),
+              "cpu_overhead_instantx": overhead(bench, ["instantx"], args.rounds)}
     d = result["dispatch"]
-    print(f"Flux step, batch {d['batch']}, {d['blocks']} double-stream blocks: bare {d['bare_ops']} kernel-launching ops, "
-          f"{d['bare_syncs']} syncs")
-    for name, row in [*d["cases"].items(), *(("v1 masked + start/end", r) for r in
-                                             result["dispatch_masked_gated"]["cases"].values())]:
-        print(f"  {name}: +{row['ops_added']} ops ({row['ops_per_block']:.1f} per block), +{row['syncs_added']} syncs")
-    o = result["cpu_overhead"]
-    print(f"step on {o['device']}: bare {o['bare_ms']:.0f} ms, one v1 adapter {o['patched_ms']:.0f} ms: x{o['ratio']:.3f} "
-          f"[{o['ratio_range'][0]:.3f}, {o['ratio_range'][1]:.3f}] over {o['rounds']} rounds; FLOPs x{o['flop_ratio']:.4f}")
+    print(f"Flux step, batch {d['batch']}, {d['blocks']} double- and {d['all_blocks'] - d['blocks']} single-stream "
+          f"blocks: bare {d['bare_ops']} kernel-launching ops, {d['bare_syncs']} syncs")
+    for name, row in [*d["cases"].items(), *((f"{n} masked + start/end", r) for n, r in
+                                             result["dispatch_masked_gated"]["cases"].items())]:
+        print(f"  {name}: +{row['ops_added']} ops ({row['ops_per_block']:.1f} per block of {row['blocks']}), "
+              f"+{row['syncs_added']} syncs")
+    for o in (result["cpu_overhead"], result["cpu_overhead_instantx"]):
+        print(f"step on {o['device']}: bare {o['bare_ms']:.0f} ms, one {o['adapters'][0]} adapter {o['patched_ms']:.0f} ms:"
+              f" x{o['ratio']:.3f} [{o['ratio_range'][0]:.3f}, {o['ratio_range'][1]:.3f}] over {o['rounds']} rounds; "
+              f"FLOPs x{o['flop_ratio']:.4f}")
     write_result(args.out, result)
     return 0
 

@@ -8,6 +8,7 @@ import torch
 from .choices import check_choice
 
 KV_SCALINGS = ("V only", "K+V", "K+V w/ C penalty", "K+mean(V) w/ C penalty")
+K_NORM_EPS = 1e-5  # InstantX's RMS norm of the image keys
 PENALTY_WIDTH = 1280  # the C penalty scales a layer's weight by C / 1280: shallow layers are damped
 
 
@@ -40,7 +41,9 @@ class AdapterSpec:
     is where the weight applies (see ``scaled_kv``). ``sigma_range`` (high, low) limits the adapter to
     low <= sigma <= high. ``mask`` [F, H, W] in [0, 1] limits it to a region of the image, at any aspect
     ratio: mask f on latent (frame) f of each chunk, the last mask on the frames after it. ``k_bias[i]`` /
-    ``v_bias[i]`` [C_i] are the K/V projections' biases where the adapter has them (XLabs' Flux adapters)."""
+    ``v_bias[i]`` [C_i] are the K/V projections' biases where the adapter has them (XLabs' Flux adapters).
+    ``k_norm_head_dim`` > 0 RMS-normalises each head's slice of K (that many channels, eps 1e-5, no scale) before
+    the weights apply (InstantX's Flux adapter)."""
     cond_tokens: torch.Tensor
     uncond_tokens: torch.Tensor
     to_k: tuple[torch.Tensor, ...]
@@ -53,6 +56,7 @@ class AdapterSpec:
     image_weights: tuple[float, ...] = ()
     k_bias: tuple[torch.Tensor, ...] = ()
     v_bias: tuple[torch.Tensor, ...] = ()
+    k_norm_head_dim: int = 0
     _kv_cache: dict[tuple[int, torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = field(
         default_factory=dict, compare=False, repr=False)
 
@@ -85,6 +89,9 @@ class AdapterSpec:
             v = tokens @ self.to_v[layer].to(device, torch.float32).T
             if self.k_bias:
                 k, v = k + self.k_bias[layer].to(device, torch.float32), v + self.v_bias[layer].to(device, torch.float32)
+            if self.k_norm_head_dim:
+                head = self.k_norm_head_dim
+                k = torch.nn.functional.rms_norm(k.unflatten(-1, (-1, head)), (head,), eps=K_NORM_EPS).flatten(-2)
             weight = self.layer_weights[layer]
             if self.image_weights:  # [2n, 1, 1]: image i's weight on its uncond and cond rows
                 weight = weight * torch.tensor(self.image_weights, device=device).repeat(2)[:, None, None]

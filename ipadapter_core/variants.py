@@ -22,7 +22,9 @@ ENCODERS = {
                          file="clip-vit-large-patch14-336.bin"),
     "ViT-L-14": dict(hidden=1024, projection=768, image_size=224, file="clip_vision_l.safetensors"),
     # SigLIP has no projection: its hidden states are what an adapter reads, and only their width is compared.
-    "SigLIP-so400m-384": dict(hidden=1152, projection=None, image_size=384, file="sigclip_vision_patch14_384.safetensors"),
+    # Its attention-pooled output (the "pooler output", InstantX's Flux adapter) needs the pooling head's 16 heads.
+    "SigLIP-so400m-384": dict(hidden=1152, projection=None, image_size=384, file="sigclip_vision_patch14_384.safetensors",
+                              pooling_heads=16),
 }
 FACE_EMBEDDING = "face-embedding"  # InsightFace ArcFace, 512 values per face
 
@@ -39,7 +41,8 @@ DIT_BASES = ("flux", "sd35")  # adapter files number their layers by block, 0, 1
 #   linear       proj [T*D, E], norm [D]: pooled image_embeds -> T tokens
 #   resampler    latents [1, T, dim] + 4 perceiver layers: hidden states (or a face vector) -> T tokens
 #   mlp          proj.0 [E, E], proj.2 [D, E], proj.3 [D]: each hidden-state token -> one token (257)
-#   faceid       proj.0 [1024, 512], proj.2 [T*D, 1024], norm [D]: face embedding -> T tokens
+#   faceid       proj.0 [2E, E], proj.2 [T*D, 2E], norm [D]: one vector -> T tokens (a face embedding; SigLIP's
+#                pooled output for InstantX's Flux adapter)
 #   faceid_plus  faceid MLP, then a latent-free perceiver over CLIP hidden states (perceiver_resampler.*)
 #   time_resampler  a resampler modulated by the timestep at every layer (time_embedding.*): runs at each step
 PROJECTIONS = ("linear", "resampler", "mlp", "faceid", "faceid_plus", "time_resampler")
@@ -53,7 +56,7 @@ class Variant:
     embed_dim: int            # E: width of what image_proj takes (CLIP embeds/hidden, or 512 for a face)
     tokens: int               # image tokens per image
     encoder: str              # a key of ENCODERS, or FACE_EMBEDDING
-    encoder_output: str       # "image_embeds" | "penultimate" | "face"
+    encoder_output: str       # "image_embeds" | "penultimate" | "pooled" (SigLIP's attention pooling) | "face"
     faceid_lora: bool = False
     shortcut: bool = False    # FaceID-Plus v2: id tokens + s * perceiver output
     hint: str = ""            # file-name fragment that selects this row within its shape group
@@ -63,6 +66,10 @@ class Variant:
     # Flux adapters (XLabs' nodes and diffusers' Flux pipeline), zero hidden states for InstantX's SD3.5 adapter
     # (diffusers' SD3 pipeline): "" (by encoder_output), "black image" or "zeros".
     uncond_image: str = ""
+    # InstantX's Flux adapter: image attention also on the single-stream blocks (numbered after the double-stream
+    # ones), its keys RMS-normed per head of ``k_norm_head_dim`` channels.
+    single_blocks: bool = False
+    k_norm_head_dim: int = 0
 
     @property
     def context_dim(self) -> int | None:
@@ -104,6 +111,10 @@ VARIANTS: tuple[Variant, ...] = (
     # XLabs' Flux adapters: image K/V (with biases) on the 19 double-stream blocks; v2 has 16 tokens.
     Variant("xlabs_flux", "flux", "linear", 768, 4, _L, "image_embeds", uncond_image="black image"),
     Variant("xlabs-v2_flux", "flux", "linear", 768, 16, _L, "image_embeds", uncond_image="black image"),
+    # InstantX's FLUX.1-dev adapter: SigLIP's pooled output through an MLP to 128 tokens, image attention in all 57
+    # blocks (added to each block's attention output, before its projection).
+    Variant("instantx_flux", "flux", "faceid", 1152, 128, "SigLIP-so400m-384", "pooled", uncond_image="zeros",
+            single_blocks=True, k_norm_head_dim=128),
     # InstantX's SD3.5-Large adapter: image attention in the 38 joint blocks, tokens from a time-conditioned resampler.
     Variant("instantx_sd35", "sd35", "time_resampler", 1152, 64, "SigLIP-so400m-384", "penultimate",
             uncond_image="zeros"),
@@ -145,6 +156,7 @@ def check_embeds(variant: Variant, adapter_name: str, shape: tuple[int, ...]) ->
     what = {"image_embeds": f"pooled image_embeds [n, {variant.embed_dim}] of the CLIP vision {variant.encoder}",
             "penultimate": f"penultimate hidden states [n, tokens, {variant.embed_dim}] of the CLIP vision "
                            f"{variant.encoder}",
+            "pooled": f"pooled outputs [n, {variant.embed_dim}] of the CLIP vision {variant.encoder}",
             "face": f"face embeddings [n, {variant.embed_dim}] (InsightFace)"}[variant.encoder_output]
     raise ValueError(f"embeds: {adapter_name} ({variant.name}) takes {what}; got a tensor of shape {tuple(shape)}")
 
@@ -162,6 +174,7 @@ PRESETS = {
     "KOLORS": {"sdxl": "plus_kolors"},
     "FLUX XLABS": {"flux": "xlabs_flux"},
     "FLUX XLABS V2": {"flux": "xlabs-v2_flux"},
+    "FLUX INSTANTX": {"flux": "instantx_flux"},
 }
 FACEID_PRESETS = {
     "FACEID": {"sd15": "faceid_sd15", "sdxl": "faceid_sdxl"},
@@ -199,10 +212,13 @@ PUBLIC_FILES = {
     # XLabs publishes both as ip_adapter.safetensors; its ComfyUI nodes' instructions rename them so.
     "xlabs_flux": (r"flux.ip.adapter$", "flux-ip-adapter.safetensors"),
     "xlabs-v2_flux": (r"flux.ip.adapter.v2$", "flux-ip-adapter-v2.safetensors"),
+    # InstantX publishes ip-adapter.bin in FLUX.1-dev-IP-Adapter; named after that repository to tell it apart.
+    "instantx_flux": (r"flux.1.dev.ip.adapter$", "FLUX.1-dev-IP-Adapter.bin"),
 }
 ENCODER_FILE_PATTERNS = {"ViT-H-14": r"vit.h.14.*s32b.b79k", "ViT-bigG-14": r"vit.bigg.14.*39b.b160k",
                          "ViT-L-14-336": r"clip.vit.large.patch14.336",
-                         "ViT-L-14": r"(clip.vision.l|clip.vit.large.patch14)$"}
+                         "ViT-L-14": r"(clip.vision.l|clip.vit.large.patch14)$",
+                         "SigLIP-so400m-384": r"(sigclip.vision.patch14.384|siglip.so400m.patch14.384)"}
 
 
 def preset_variant(preset: str, base: str, presets: dict = PRESETS) -> Variant:

@@ -9,14 +9,16 @@ from ..ipadapter_core.apply_options import ApplyOptions
 from ..ipadapter_core.embeds import combine_embeds
 from ..ipadapter_core.weights import LayerWeights, explicit_layer_weights, layer_weights
 from .ipadapter_encode import LoadedAdapter, image_tokens, paired_embeds, reference_embeds
-from .ipadapter_patch import check_fit, cross_attention_layers, patch_model
+from .ipadapter_patch import adapter_layers, check_fit, cross_attention_layers, patch_model
 from .sd3_patch import TimeConditionedSpec, patch_sd3
 
 
 def weights_and_range(model, adapter: LoadedAdapter, options: ApplyOptions) -> tuple[LayerWeights, tuple | None]:
     """The per-layer weights (weight type or written per-block weights) and the sigma range (high, low) or None."""
-    layers, blocks = cross_attention_layers(model)
+    layers = cross_attention_layers(model)[0]
     check_fit(adapter.file, layers)
+    layers = adapter_layers(adapter.file, layers)
+    blocks = len({layer.transformer_index for layer in layers})
     indices = [(layer.key[0], layer.transformer_index) for layer in layers]
     if options.layer_weights.strip():
         weights = explicit_layer_weights(options.layer_weights, options.weight, indices, blocks)
@@ -40,7 +42,7 @@ def adapter_spec(model, adapter: LoadedAdapter, cond: torch.Tensor, uncond: torc
     file = adapter.file
     return AdapterSpec(cond, uncond, file.kv_weights("k"), file.kv_weights("v"), weights.weights,
                        weights.swapped, options.embeds_scaling, sigma_range, options.attn_mask, options.image_weights,
-                       file.kv_weights("k", "bias"), file.kv_weights("v", "bias"))
+                       file.kv_weights("k", "bias"), file.kv_weights("v", "bias"), file.variant.k_norm_head_dim)
 
 
 def apply_tokens(model, adapter: LoadedAdapter, cond: torch.Tensor, uncond: torch.Tensor, options: ApplyOptions):

@@ -13,6 +13,7 @@ from ..ipadapter_core.embeds import combine_embeds, enhance_embeds, merge_tile_e
 from ..ipadapter_core.loader import AdapterFile, load_adapter
 from ..ipadapter_core.projection import build_projection
 from ..ipadapter_core.variants import ENCODERS, check_embeds, check_encoder
+from .siglip_head import pooling_head
 
 ENCODE_BATCH = 16  # reference images per CLIP vision call
 
@@ -46,7 +47,7 @@ def clip_vision_for(adapter: LoadedAdapter, clip_vision, encoder: str | None = N
 @torch.no_grad()
 def encode_images(adapter: LoadedAdapter, clip_vision, image: torch.Tensor, output: str, name: str = "image",
                   encoder: str | None = None) -> torch.Tensor:
-    """CLIP vision ``output`` ("image_embeds" or "penultimate") of each image: [n, E] or [n, N, E],
+    """CLIP vision ``output`` ("image_embeds", "pooled" or "penultimate") of each image: [n, E] or [n, N, E],
     in batches with the host's progress bar. The encoder is checked against the adapter's."""
     image = prep.as_rgb(image, name)
     variant = adapter.file.variant
@@ -59,7 +60,11 @@ def encode_images(adapter: LoadedAdapter, clip_vision, image: torch.Tensor, outp
             check_encoder(replace(variant, encoder=encoder), adapter.file.name,
                           encoded.penultimate_hidden_states.shape[-1], encoded.image_embeds.shape[-1],
                           getattr(clip_vision, "image_size", None))
-        parts.append(encoded.image_embeds if output == "image_embeds" else encoded.penultimate_hidden_states)
+        if output == "pooled":
+            head = pooling_head(clip_vision, ENCODERS[encoder]["pooling_heads"], adapter.file.name)
+            parts.append(head(encoded.last_hidden_state.float().cpu()))
+        else:
+            parts.append(encoded.image_embeds if output == "image_embeds" else encoded.penultimate_hidden_states)
         progress.update(parts[-1].shape[0])
     return torch.cat(parts).float().cpu()
 

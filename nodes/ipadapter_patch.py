@@ -38,6 +38,7 @@ class Layer:
 
 
 DIT_BLOCK = "double_block"  # the host's name of Flux's double-stream and the MMDiT's joint blocks in DiT block patches
+SINGLE_BLOCK = "single_block"  # and of Flux's single-stream blocks
 FAMILIES = {"unet": ("a UNet", "cross-attention layers"), "flux": ("a Flux transformer", "double-stream blocks"),
             "sd3": ("an SD3 MMDiT", "joint blocks")}
 ADAPTER_FAMILY = {"flux": "flux", "sd35": "sd3"}  # adapter bases by model family ("unet" for the others)
@@ -47,12 +48,15 @@ def cross_attention_layers(model_patcher) -> tuple[list[Layer], int]:
     """Every layer an adapter patches, in adapter-file order, and the number of attention blocks: a UNet's
     cross-attention layers (input, output, then middle blocks) over its spatial transformers; a Flux model's
     double-stream blocks (D: the width of its text input, the image tokens' width) or an MMDiT's joint blocks
-    (D: its own width), each its own block."""
+    (D: its own width), each its own block. A Flux model's single-stream blocks follow its double-stream ones
+    (only InstantX's adapter patches them: ``adapter_layers``)."""
     unet = model_patcher.get_model_object("diffusion_model")
     if hasattr(unet, "double_blocks"):
-        context = unet.txt_in.in_features
+        context, doubles = unet.txt_in.in_features, len(unet.double_blocks)
         return [Layer((DIT_BLOCK, i, 0), block.hidden_size, context, i, "flux")
-                for i, block in enumerate(unet.double_blocks)], len(unet.double_blocks)
+                for i, block in enumerate(unet.double_blocks)] + \
+            [Layer((SINGLE_BLOCK, i, 0), block.hidden_size, context, doubles + i, "flux")
+             for i, block in enumerate(unet.single_blocks)], doubles + len(unet.single_blocks)
     if hasattr(unet, "joint_blocks"):
         return [Layer((DIT_BLOCK, i, 0), unet.hidden_size, unet.hidden_size, i, "sd3")
                 for i in range(len(unet.joint_blocks))], len(unet.joint_blocks)
@@ -72,8 +76,15 @@ def cross_attention_layers(model_patcher) -> tuple[list[Layer], int]:
     return layers, len(index)
 
 
+def adapter_layers(adapter: AdapterFile, layers: list[Layer]) -> list[Layer]:
+    """The model layers (of ``cross_attention_layers``) of the kind this adapter patches: a Flux model's
+    single-stream blocks only for an adapter made for them."""
+    return [layer for layer in layers if layer.key[0] != SINGLE_BLOCK or adapter.variant.single_blocks]
+
+
 def check_fit(adapter: AdapterFile, layers: list[Layer]) -> None:
     """Raise AdapterModelMismatch, naming both sides, unless every adapter layer fits the model's."""
+    layers = adapter_layers(adapter, layers)
     context_dims = {layer.context_dim for layer in layers}
     model_widths = tuple(layer.width for layer in layers)
     v = adapter.variant
@@ -84,10 +95,12 @@ def check_fit(adapter: AdapterFile, layers: list[Layer]) -> None:
         model_kind = FAMILIES[family][0]
         if family == "unet":
             model_kind = {768: "an SD1.5 UNet", 2048: "an SDXL UNet"}.get(next(iter(context_dims), 0), "another UNet")
+        kind = "double- and single-stream blocks" if v.single_blocks else FAMILIES[ADAPTER_FAMILY.get(v.base, 'unet')][1]
+        model_kind_of = kind if family == ADAPTER_FAMILY.get(v.base) else FAMILIES[family][1]
         raise AdapterModelMismatch(
             f"{adapter.name} is a {v.base.upper()} IP-Adapter ({len(adapter.layer_widths)} "
-            f"{FAMILIES[ADAPTER_FAMILY.get(v.base, 'unet')][1]}, context width {adapter.context_dim}) but the model is "
-            f"{model_kind} ({len(layers)} {FAMILIES[family][1]}, context width "
+            f"{kind}, context width {adapter.context_dim}) but the model is "
+            f"{model_kind} ({len(layers)} {model_kind_of}, context width "
             f"{'/'.join(map(str, sorted(context_dims)))}): load an adapter made for this model")
 
 
@@ -134,6 +147,9 @@ def patch_model(model_patcher, adapter: AdapterFile, spec: AdapterSpec):
     """A clone of ``model_patcher`` with ``spec`` added to its image attention (the input is untouched)."""
     layers, _ = cross_attention_layers(model_patcher)
     check_fit(adapter, layers)
+    if layers[0].family == "flux" and adapter.variant.single_blocks:
+        from .flux_instantx_patch import patch_flux_instantx
+        return patch_flux_instantx(model_patcher, spec)
     if layers[0].family == "flux":
         from .flux_patch import patch_flux
         return patch_flux(model_patcher, spec)

@@ -17,16 +17,17 @@ from .ipadapter_patch import AdapterModelMismatch, check_fit, cross_attention_la
 
 FOLDER = "ipadapter"
 XLABS_FOLDER = ("xlabs", "ipadapters")  # where XLabs' own nodes read its Flux adapters from
+INSTANTX_FOLDER = ("ipadapter-flux",)  # where Shakker-Labs' nodes read InstantX's Flux adapter from
 
 
 def register_model_folder() -> None:
-    """models/ipadapter and models/xlabs/ipadapters, plus any ``ipadapter:`` entries of the user's
-    extra_model_paths.yaml."""
+    """models/ipadapter, models/xlabs/ipadapters and models/ipadapter-flux, plus any ``ipadapter:`` entries of the
+    user's extra_model_paths.yaml."""
     default = os.path.join(folder_paths.models_dir, FOLDER)
     if FOLDER not in folder_paths.folder_names_and_paths:
         folder_paths.add_model_folder_path(FOLDER, default)
     paths, extensions = folder_paths.folder_names_and_paths[FOLDER]
-    for folder in (default, os.path.join(folder_paths.models_dir, *XLABS_FOLDER)):
+    for folder in (default, *(os.path.join(folder_paths.models_dir, *sub) for sub in (XLABS_FOLDER, INSTANTX_FOLDER))):
         if folder not in paths:
             paths.append(folder)
     if not extensions:
@@ -81,7 +82,7 @@ class ImagePromptUnifiedLoader(io.ComfyNode):
             inputs=[io.Model.Input("model", tooltip="The model the adapter is for; passed through unchanged."),
                     io.Combo.Input("preset", options=list(PRESETS), default="STANDARD",
                                    tooltip="Which adapter: light, standard, ViT-G, plus, plus face, full face, "
-                                           "composition, Kolors plus, XLabs' Flux v1 or v2."),
+                                           "composition, Kolors plus, XLabs' Flux v1 or v2, InstantX's Flux."),
                     REUSE_INPUT],
             outputs=[io.Model.Output(), Adapter.Output(display_name="ipadapter"), io.ClipVision.Output()],
         )

@@ -7,6 +7,7 @@ import torch
 from bench.flux_budget import FluxBench, dispatch
 
 pytestmark = pytest.mark.host
+OPS_PER_INSTANTX_BLOCK = 12  # measured 11.7 (35 over 2 + 1 blocks): un-rotation 6, attention and add 4, 2 shared
 
 
 @pytest.fixture(scope="module")
@@ -31,3 +32,14 @@ def test_a_mask_and_a_sigma_range_add_no_host_syncs(bench):
     for batch in (1, 2):
         (row,) = dispatch(bench, {"v1": ["v1"]}, batch=batch, attn_mask=mask, start_at=0.1, end_at=0.9)["cases"].values()
         assert row["syncs_added"] == 0
+
+
+def test_instantx_adds_no_host_syncs_and_a_fixed_number_of_operators_per_block(bench):
+    """Per block, double- or single-stream: the query's un-rotation, one attention, one add (no projection: the
+    block's own query is reused); a second adapter with as many tokens joins the same attention call."""
+    result = dispatch(bench, {"one": ["instantx"], "two": ["instantx", "instantx"]})
+    one, two = result["cases"]["one"], result["cases"]["two"]
+    assert one["blocks"] == result["all_blocks"] == 3
+    assert one["syncs_added"] == 0 and two["syncs_added"] == 0
+    assert one["ops_per_block"] <= OPS_PER_INSTANTX_BLOCK
+    assert two["ops_added"] <= one["ops_added"] + 3 * one["blocks"]  # K/V concatenated once, not per step

@@ -1,19 +1,23 @@
 #!/usr/bin/env bash
 # Builds the pinned environment from nothing, idempotently: .venv from tools/requirements-lock.txt
 # (torch 2.14.1 + torchvision 0.29.1, ComfyUI 0.3.75's requirements minus torchaudio, diffusers and
-# transformers as test references, pytest), then the pinned ComfyUI host in the cache
+# transformers as test references, pytest) and tools/requirements-nodeps.txt (DiffSynth-Studio, a test
+# reference whose model files alone are used, without its dependencies), then the pinned ComfyUI host in the cache
 # (with COMFYUI_PATH naming the user's own checkout: that checkout's requirements.txt instead, without
 # torch). A second run costs about a second.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 venv=.venv
 lock=tools/requirements-lock.txt
-stamp="$venv/.built-from-$(sha256sum "$lock" | cut -c1-16)"
+nodeps=tools/requirements-nodeps.txt
+stamp="$venv/.built-from-$(cat "$lock" "$nodeps" | sha256sum | cut -c1-16)"
 if [ ! -f "$stamp" ]; then
   echo "tools/env.sh: building $venv from $lock (a few minutes the first time)" >&2
   rm -rf "$venv"
   python3 -m venv "$venv"
   "$venv/bin/pip" install --quiet --disable-pip-version-check --no-input -r "$lock" 2>&1 \
+    | { grep -v "^WARNING: Location '.*' is ignored" || true; } >&2
+  "$venv/bin/pip" install --quiet --disable-pip-version-check --no-input --no-deps -r "$nodeps" 2>&1 \
     | { grep -v "^WARNING: Location '.*' is ignored" || true; } >&2
   touch "$stamp"
 fi

@@ -64,6 +64,10 @@ def _catalogue() -> dict[str, FactoryModel]:
         FactoryModel("checkpoints/sd35_layout.ckpt", lambda: dit_models.sd35_checkpoint(37), ("sd3.5_large.safetensors",)),
         FactoryModel("ipadapter/sd35_layout_ip-adapter.bin",  # InstantX's adapter sized to that MMDiT (2 blocks of 128)
                      lambda: dit_models.instantx_sd35_adapter(39, blocks=2, hidden=128), ("ip-adapter.bin",)),
+        FactoryModel(f"ipadapter/{INSTANTX_FLUX_FILE}",  # InstantX's adapter on that Flux (2 + 1 blocks), MLP width 16
+                     lambda: dit_models.instantx_flux_adapter(
+                         40, dit_models.FLUX_REDUCED["depth"] + dit_models.FLUX_REDUCED["depth_single_blocks"], 16),
+                     ("FLUX.1-dev-IP-Adapter.bin",)),
         # CLIP-L text alone (the Flux examples' clip_l.safetensors); see tools.run_example for the T5 it pairs with
         FactoryModel("text_encoders/clip_l.pt", lambda: hm.clip_l_text(WeightPools(35)), ("clip_l.safetensors",)),
     ]
@@ -83,7 +87,8 @@ def _catalogue() -> dict[str, FactoryModel]:
 
 
 HQ_EDIT_FILE = "diffusion_pytorch_model.safetensors"  # a diffusers UNet folder's weights file
-FLUX_FILE = "flux1_layout.pt"  # FLUX.1-dev's layout with 2 double- and 1 single-stream blocks
+FLUX_FILE = "flux1_layout.pt"
+INSTANTX_FLUX_FILE = "flux1_layout_FLUX.1-dev-IP-Adapter.bin"  # FLUX.1-dev's layout with 2 double- and 1 single-stream blocks
 # Cross-attention widths of the tiny SD1.5 UNet in adapter order (input 1, output 0, output 1, middle).
 TINY_SD15_WIDTHS = (320, 320, 320, 320)
 CATALOGUE = _catalogue()

@@ -46,6 +46,26 @@ def xlabs_adapter(stem: str, seed: int, blocks: int, hidden: int = 3072, context
     return WeightPools(seed).state_dict({k: torch.Size(s) for k, s in shapes.items()})
 
 
+# InstantX's FLUX.1-dev IP-Adapter (ip-adapter.bin): SigLIP's pooled output 1152 -> MLP -> 128 tokens of 4096, and
+# bias-free image K/V [3072, 4096] for every double- and single-stream block, numbered in that order.
+INSTANTX_FLUX_TOKENS = 128
+SIGLIP_POOLED = 1152
+
+
+def instantx_flux_adapter(seed: int, blocks: int, mlp_width: int = 2 * SIGLIP_POOLED, hidden: int = 3072,
+                          context: int = 4096) -> dict[str, dict]:
+    """{"image_proj": ..., "ip_adapter": ...} as published, for ``blocks`` blocks; ``mlp_width`` (2304 published)
+    is the MLP's inner width, which the file's shapes give (the published 1.2 B-parameter output layer is mostly
+    it times 128 tokens of 4096)."""
+    out = INSTANTX_FLUX_TOKENS * context
+    proj = {"proj.0.weight": (mlp_width, SIGLIP_POOLED), "proj.0.bias": (mlp_width,), "proj.2.weight": (out, mlp_width),
+            "proj.2.bias": (out,), "norm.weight": (context,), "norm.bias": (context,)}
+    ip = {f"{i}.to_{kind}_ip.weight": (hidden, context) for i in range(blocks) for kind in ("k", "v")}
+    pools = WeightPools(seed)
+    return {group: pools.state_dict({k: torch.Size(s) for k, s in shapes.items()})
+            for group, shapes in (("image_proj", proj), ("ip_adapter", ip))}
+
+
 # XLabs' Flux ControlNets (flux-canny-controlnet-v3 and kin): the Flux input layers, 2 double-stream blocks, a
 # zero-initialised linear per block, and the hint convolutions; in the host's ControlNetFlux layout.
 XLABS_CONTROLNET = dict(FLUX_DEV, depth=2, depth_single_blocks=0)
