@@ -40,23 +40,21 @@ class InstantXImagePrompt(ImageAttention):
         self.patch_size = flux.patch_size
         self.latent, self.inner, self.previous = latent, inner, previous
         self.text_rows = ImageAttention(adapters, len(self.groups), uncond_chunks, window_frames)
-        self.text_rows.groups = {layer: tuple(kept for kept in (tuple(i for i in group if adapters[i].mask is None)
-                                                               for group in groups) if kept)
-                                 for layer, groups in self.groups.items()}
+        self.text_rows.groups = {layer: unmasked(groups, adapters) for layer, groups in self.groups.items()}
         self.pending = None  # (layer, RoPE matrices, text rows, image rows first) of the block in progress
         self.text_count = 0  # text rows of this model call (from its double-stream blocks)
 
     def block(self, args: dict, extra: dict) -> dict:
         """The ("dit", kind, i) patch: note what the block's attention needs, run the block."""
-        options = args["transformer_options"]
-        kind, index = (DIT_BLOCK, options["block_index"]) if "txt" in args else (SINGLE_BLOCK, options["block_index"])
-        layer = index if kind == DIT_BLOCK else self.doubles + index
-        if kind == DIT_BLOCK:
+        index = args["transformer_options"]["block_index"]
+        double = "txt" in args  # a single-stream block gets text and image as one sequence
+        layer = index if double else self.doubles + index
+        if double:
             self.text_count = args["txt"].shape[1]
         if self.groups[layer]:
-            self.pending = (layer, args["pe"], self.text_count, kind == DIT_BLOCK and self.flipped[index])
+            self.pending = (layer, args["pe"], self.text_count, double and self.flipped[index])
         try:
-            inner = self.inner.get((kind, index))
+            inner = self.inner.get((DIT_BLOCK if double else SINGLE_BLOCK, index))
             return inner(args, extra) if inner is not None else extra["original_block"](args)
         finally:
             self.pending = None
@@ -91,6 +89,12 @@ class InstantXImagePrompt(ImageAttention):
         return out
 
 
+def unmasked(groups: tuple[tuple[int, ...], ...], adapters: tuple[AdapterSpec, ...]) -> tuple[tuple[int, ...], ...]:
+    """Token groups without their adapters that have a mask (and without groups left empty)."""
+    kept = (tuple(i for i in group if adapters[i].mask is None) for group in groups)
+    return tuple(group for group in kept if group)
+
+
 def patch_flux_instantx(model_patcher, spec: AdapterSpec):
     """A clone of ``model_patcher`` (a Flux model) with ``spec`` added to the image attention of all its blocks."""
     flux = model_patcher.get_model_object("diffusion_model")
@@ -100,10 +104,9 @@ def patch_flux_instantx(model_patcher, spec: AdapterSpec):
     override = options.get(OVERRIDE_KEY)
     keys = [(DIT_BLOCK, i) for i in range(len(flux.double_blocks))] + \
         [(SINGLE_BLOCK, i) for i in range(len(flux.single_blocks))]
-    previous = getattr(override, "__self__", None)
-    if isinstance(previous, InstantXImagePrompt):
-        patch = InstantXImagePrompt(flux, previous.adapters + (spec,), previous.latent, previous.inner,
-                                    previous.previous)
+    earlier = getattr(override, "__self__", None)
+    if isinstance(earlier, InstantXImagePrompt):
+        patch = InstantXImagePrompt(flux, earlier.adapters + (spec,), earlier.latent, earlier.inner, earlier.previous)
     else:
         latent = LatentSize()
         patch = InstantXImagePrompt(flux, (spec,), latent, {key: replaces[key] for key in keys if key in replaces},

@@ -88,19 +88,19 @@ def check_fit(adapter: AdapterFile, layers: list[Layer]) -> None:
     context_dims = {layer.context_dim for layer in layers}
     model_widths = tuple(layer.width for layer in layers)
     v = adapter.variant
-    family = layers[0].family if layers else "unet"
-    fits = ADAPTER_FAMILY.get(v.base, "unet") == family and model_widths == adapter.layer_widths and \
+    family, adapter_family = (layers[0].family if layers else "unet"), ADAPTER_FAMILY.get(v.base, "unet")
+    fits = adapter_family == family and model_widths == adapter.layer_widths and \
         context_dims == {adapter.context_dim}
     if not fits:
         model_kind = FAMILIES[family][0]
         if family == "unet":
             model_kind = {768: "an SD1.5 UNet", 2048: "an SDXL UNet"}.get(next(iter(context_dims), 0), "another UNet")
-        kind = "double- and single-stream blocks" if v.single_blocks else FAMILIES[ADAPTER_FAMILY.get(v.base, 'unet')][1]
-        model_kind_of = kind if family == ADAPTER_FAMILY.get(v.base) else FAMILIES[family][1]
+        adapter_layer_name = "double- and single-stream blocks" if v.single_blocks else FAMILIES[adapter_family][1]
+        model_layer_name = adapter_layer_name if family == adapter_family else FAMILIES[family][1]
         raise AdapterModelMismatch(
             f"{adapter.name} is a {v.base.upper()} IP-Adapter ({len(adapter.layer_widths)} "
-            f"{kind}, context width {adapter.context_dim}) but the model is "
-            f"{model_kind} ({len(layers)} {model_kind_of}, context width "
+            f"{adapter_layer_name}, context width {adapter.context_dim}) but the model is "
+            f"{model_kind} ({len(layers)} {model_layer_name}, context width "
             f"{'/'.join(map(str, sorted(context_dims)))}): load an adapter made for this model")
 
 
