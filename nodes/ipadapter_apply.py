@@ -32,12 +32,19 @@ def weights_and_range(model, adapter: LoadedAdapter, options: ApplyOptions) -> t
     return weights, sigma_range
 
 
+def per_latent(cond: torch.Tensor, uncond: torch.Tensor, options: ApplyOptions) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokens or embeds [n, ...] as many times as there are image weights when there is one image (a weight per
+    latent); else unchanged."""
+    if options.image_weights and cond.shape[0] == 1:
+        count = len(options.image_weights)
+        return cond.expand(count, *cond.shape[1:]), uncond.expand(count, *uncond.shape[1:])
+    return cond, uncond
+
+
 def adapter_spec(model, adapter: LoadedAdapter, cond: torch.Tensor, uncond: torch.Tensor,
                  options: ApplyOptions) -> AdapterSpec:
     """Everything the patch needs, decided once: per-layer weights, K/V weights, sigma range, mask."""
-    if options.image_weights and cond.shape[0] == 1:  # one image, a weight per latent
-        count = len(options.image_weights)
-        cond, uncond = cond.expand(count, -1, -1), uncond.expand(count, -1, -1)
+    cond, uncond = per_latent(cond, uncond, options)
     weights, sigma_range = weights_and_range(model, adapter, options)
     file = adapter.file
     return AdapterSpec(cond, uncond, file.kv_weights("k"), file.kv_weights("v"), weights.weights,
@@ -50,25 +57,22 @@ def apply_tokens(model, adapter: LoadedAdapter, cond: torch.Tensor, uncond: torc
     return patch_model(model, adapter.file, adapter_spec(model, adapter, cond, uncond, options))
 
 
-UNSUPPORTED_PER_STEP = {"attn_mask": lambda o: o.attn_mask is not None, "unfold_batch": lambda o: o.unfold_batch,
-                        "weight (a list)": lambda o: bool(o.image_weights),
-                        "embeds_scaling": lambda o: o.embeds_scaling != "V only"}
-
-
 def time_conditioned_spec(model, adapter: LoadedAdapter, cond: torch.Tensor, uncond: torch.Tensor,
                           options: ApplyOptions) -> TimeConditionedSpec:
-    """The SD3.5 adapter's spec from hidden-state embeds [n, N, E] (combined as ``options`` say): what the patch
-    runs the resampler on at each step, with the file's per-block weights."""
-    unsupported = [name for name, used in UNSUPPORTED_PER_STEP.items() if used(options)]
-    if unsupported:
-        raise ValueError(f"{unsupported[0]}: not supported with {adapter.file.name} ({adapter.file.variant.name}) "
-                         f"yet; leave it at its default")
+    """The SD3.5 adapter's spec from hidden-state embeds [n, N, E] (combined as ``options`` say, or one per latent
+    with ``unfold_batch``): what the patch runs the resampler on at each step, with the file's per-block weights."""
+    if options.embeds_scaling != "V only":  # its image K/V share one softmax with the block's own
+        raise ValueError(f"embeds_scaling: {adapter.file.name} ({adapter.file.variant.name}) takes 'V only' (its "
+                         f"image keys share the joint attention's softmax); got {options.embeds_scaling!r}")
     weights, sigma_range = weights_and_range(model, adapter, options)
-    cond, uncond = (combine_embeds(e, options.combine_embeds).float().cpu().reshape(1, -1, e.shape[-1])
-                    for e in paired_embeds(adapter, cond, uncond))
+    cond, uncond = paired_embeds(adapter, cond, uncond)
+    if not options.unfold_batch:
+        cond, uncond = (combine_embeds(e, options.combine_embeds).reshape(1, -1, e.shape[-1]) for e in (cond, uncond))
+    cond, uncond = per_latent(cond, uncond, options)
     blocks = tuple({k.split(".", 1)[1]: v for k, v in adapter.file.ip_adapter.items() if k.split(".", 1)[0] == str(i)}
                    for i in adapter.file.layer_ids)
-    return TimeConditionedSpec(cond, uncond, adapter.projection, blocks, weights.weights, sigma_range)
+    return TimeConditionedSpec(cond.float().cpu(), uncond.float().cpu(), adapter.projection, blocks, weights.weights,
+                               sigma_range, options.attn_mask, options.image_weights)
 
 
 def apply_embeds(model, adapter: LoadedAdapter, cond: torch.Tensor, uncond: torch.Tensor, options: ApplyOptions):

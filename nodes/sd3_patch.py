@@ -10,17 +10,22 @@ SD3IPAdapterJointAttnProcessor2_0 computes it):
 where q, k, v [B, N, D] are the block's own image-stream projections (q and k before its norms), and x_attn the image
 stream's joint-attention output, before the block's output projection, gate and MLP. The block's q/k norms are
 RMS norms, so the adapter's norm of q is the block's normed q times (adapter weight / block weight), per channel.
-The patch runs the block's own pre- and post-attention steps and the host's attention around that addition.
+The patch runs the block's own pre- and post-attention steps and the host's attention around that addition. A mask
+multiplies an adapter's term on its region of the image stream's token grid (an APPLY_MODEL wrapper records the
+latent's size, which the block patches cannot see), and a sigma range gates it, as on a UNet (``image_factor``).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import comfy.patcher_extension
 import torch
 import torch.nn.functional as F
 from comfy.ldm.modules.attention import optimized_attention
 
 from ..ipadapter_core.batch_layout import BatchLayout
+from ..ipadapter_core.image_factor import ImageFactor, LayerGrid
+from .flux_patch import LATENT_WRAPPER_KEY, LatentSize
 from .ipadapter_patch import DIT_BLOCK, tag_uncond_conds, uncond_chunks
 
 NORM_EPS = 1e-6
@@ -28,16 +33,25 @@ NORM_EPS = 1e-6
 
 @dataclass(frozen=True)
 class TimeConditionedSpec:
-    """One SD3.5 adapter on one model: the reference's hidden states (cond / uncond, [1, N, E]), the resampler,
-    the per-block weights of the file (``blocks[i]``: the ``{i}.*`` tensors without the prefix), a weight per
-    block (0 skips it) and the sigma range (high, low) or None."""
+    """One SD3.5 adapter on one model: the references' hidden states (cond / uncond, [n, N, E]: n = 1 for every
+    latent alike, else latent (frame) f of each chunk gets image f mod n), the resampler, the per-block weights of
+    the file (``blocks[i]``: the ``{i}.*`` tensors without the prefix), a weight per block (0 skips it), the sigma
+    range (high, low) or None, a mask [F, H, W] in [0, 1] or None and a weight per image (n values, or empty for
+    all 1), as in ``AdapterSpec``."""
     cond_embeds: torch.Tensor
     uncond_embeds: torch.Tensor
     resampler: torch.nn.Module
     blocks: tuple[dict[str, torch.Tensor], ...]
     layer_weights: tuple[float, ...]
     sigma_range: tuple[float, float] | None = None
+    mask: torch.Tensor | None = None
+    image_weights: tuple[float, ...] = ()
     _moved: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self):
+        if self.image_weights and len(self.image_weights) != self.cond_embeds.shape[0]:
+            raise ValueError(f"weight: {len(self.image_weights)} weights for {self.cond_embeds.shape[0]} images; "
+                             f"give one weight, or one per image")
 
     def block(self, index: int, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         """Block ``index``'s adapter weights on ``device`` in ``dtype`` (copied once)."""
@@ -50,15 +64,20 @@ class TimeConditionedSpec:
 class SD3ImagePrompt:
     """The image terms of one patched SD3.5 model's adapters; one ``JointBlockPatch`` per joint block calls it.
 
-    ``timestep(sigmas)`` is the model's timestep of a step's sigma (what the resampler is conditioned on)."""
+    ``timestep(sigmas)`` is the model's timestep of a step's sigma (what the resampler is conditioned on); ``latent``
+    the latent size of the model call in progress, ``patch_size`` the MMDiT's (together: the token grid)."""
 
-    def __init__(self, blocks, adapters: tuple[TimeConditionedSpec, ...], timestep):
+    def __init__(self, blocks, adapters: tuple[TimeConditionedSpec, ...], timestep, latent: LatentSize,
+                 patch_size: int):
         self.blocks = blocks
         self.adapters = adapters
         self.timestep = timestep
+        self.latent = latent
+        self.patch_size = patch_size
+        self.factors = ImageFactor(adapters)
         self._step: tuple[object, BatchLayout | None, dict] = (None, None, {})
         self._ratios: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._ranges: dict[tuple, torch.Tensor] = {}
+        self._per_layout: dict[tuple, torch.Tensor] = {}
 
     def tokens(self, index: int, layout: BatchLayout, sigmas: torch.Tensor, device, dtype):
         """Adapter ``index``'s (tokens [B, T, D], temb [B, W]) at this step: computed at the first block, reused."""
@@ -67,15 +86,36 @@ class SD3ImagePrompt:
             cache = {}
             self._step = (sigmas, layout, cache)
         if index not in cache:
-            spec = self.adapters[index]
-            rows = torch.cat([spec.uncond_embeds if uncond else spec.cond_embeds
-                              for uncond in layout.uncond for _ in range(layout.rows)])
+            rows = self.rows(index, layout, device)
             t = self.timestep(sigmas[:1]).float().to(device).expand(rows.shape[0])
-            resampler = spec.resampler.to(device)
+            resampler = self.adapters[index].resampler.to(device)
             with torch.no_grad():
-                tokens, temb = resampler(rows.to(device, torch.float32), t)
+                tokens, temb = resampler(rows, t)
             cache[index] = (tokens.to(dtype), temb.to(dtype))
         return cache[index]
+
+    def rows(self, index: int, layout: BatchLayout, device) -> torch.Tensor:
+        """The hidden states [B, N, E] of each batch row (uncond or cond by its chunk, the image of its frame), on
+        ``device`` in fp32: made once per layout."""
+        key = ("rows", index, layout, device)
+        if key not in self._per_layout:
+            spec = self.adapters[index]
+            images = [f % spec.cond_embeds.shape[0] for f in layout.frame_of_rows()]
+            self._per_layout[key] = torch.cat([(spec.uncond_embeds if uncond else spec.cond_embeds)[images]
+                                               for uncond in layout.uncond]).to(device, torch.float32)
+        return self._per_layout[key]
+
+    def image_weights(self, index: int, layout: BatchLayout, device, dtype) -> torch.Tensor | None:
+        """Each batch row's image weight, [B, 1, 1] (made once per layout), or None without image weights."""
+        spec = self.adapters[index]
+        if not spec.image_weights:
+            return None
+        key = ("weights", index, layout, device, dtype)
+        if key not in self._per_layout:
+            n = len(spec.image_weights)
+            weights = [spec.image_weights[f % n] for _ in layout.uncond for f in layout.frame_of_rows()]
+            self._per_layout[key] = torch.tensor(weights, device=device, dtype=dtype)[:, None, None]
+        return self._per_layout[key]
 
     def norm_ratios(self, block, weights: dict, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """(adapter norm_q / block ln_q, adapter norm_k / block ln_k) weights, [head_dim] each."""
@@ -86,15 +126,13 @@ class SD3ImagePrompt:
                                       (("norm_q.weight", attn.ln_q), ("norm_k.weight", attn.ln_k)))
         return self._ratios[key]
 
-    def gate(self, index: int, sigmas: torch.Tensor, device, dtype) -> torch.Tensor | float:
-        """1 where this step's sigma is in adapter ``index``'s range, else 0; on the device (no host sync)."""
-        spec = self.adapters[index]
-        if spec.sigma_range is None:
-            return 1.0
-        if (index, device) not in self._ranges:
-            self._ranges[(index, device)] = torch.tensor(spec.sigma_range, device=device)
-        high, low = self._ranges[(index, device)]
-        return ((sigmas[:1].to(device) <= high) & (sigmas[:1].to(device) >= low)).to(dtype)
+    def factor(self, index: int, layout: BatchLayout, sigmas: torch.Tensor, tokens: int, device, dtype):
+        """Adapter ``index``'s mask on this call's token grid times its sigma gate, [B or 1, tokens or 1, 1]; or
+        None when it has neither."""
+        if not self.factors.applies((index,)):
+            return None
+        grid = LayerGrid((index,), tokens, self.latent.grid(self.patch_size), device, dtype)
+        return self.factors.factor(grid, layout, sigmas)[:, 0]
 
     def image_term(self, block_index: int, x_qkv, layout: BatchLayout, sigmas: torch.Tensor) -> torch.Tensor | None:
         """Every adapter's term for the image stream of joint block ``block_index`` ([B, N, D]), or None."""
@@ -119,7 +157,11 @@ class SD3ImagePrompt:
             keys = torch.cat([k.unflatten(-1, (heads, -1)) * k_ratio, ip_k], dim=1).transpose(1, 2)
             values = torch.cat([v.reshape(b, n, heads, -1), ip_v], dim=1).transpose(1, 2)  # v comes per head
             term = F.scaled_dot_product_attention(queries, keys, values).transpose(1, 2).reshape(b, n, d)
-            term = term * (weight * self.gate(index, sigmas, q.device, q.dtype))
+            term = term * weight
+            for factor in (self.image_weights(index, layout, q.device, q.dtype),
+                           self.factor(index, layout, sigmas, n, q.device, q.dtype)):
+                if factor is not None:
+                    term = term * factor
             total = term if total is None else total + term
         return total
 
@@ -174,8 +216,14 @@ def patch_sd3(model_patcher, spec: TimeConditionedSpec):
     replaces = patched.model_options["transformer_options"].get("patches_replace", {}).get("dit", {})
     previous = replaces.get((DIT_BLOCK, 0))
     adapters = (previous.prompt.adapters if isinstance(previous, JointBlockPatch) else ()) + (spec,)
+    if isinstance(previous, JointBlockPatch):
+        latent = previous.prompt.latent
+    else:
+        latent = LatentSize()
+        patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, LATENT_WRAPPER_KEY, latent.record)
     sampling = model_patcher.get_model_object("model_sampling")
-    prompt = SD3ImagePrompt(blocks, adapters, sampling.timestep)
+    mmdit = model_patcher.get_model_object("diffusion_model")
+    prompt = SD3ImagePrompt(blocks, adapters, sampling.timestep, latent, mmdit.patch_size)
     for i in range(len(blocks)):
         patched.set_model_patch_replace(JointBlockPatch(prompt, i), "dit", DIT_BLOCK, i)
     tag_uncond_conds(patched)

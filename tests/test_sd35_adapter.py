@@ -102,6 +102,36 @@ def test_apply_embeds_on_an_sd3_model_samples_with_cfg(host, tmp_path):
 
 
 @pytest.mark.host
+def test_a_mask_and_unfolded_images_with_weights_sample_through_the_nodes(host, tmp_path):
+    """Apply IP-Adapter Embeds with two references unfolded over a batch of two, a weight each and a mask on a 2:3
+    latent, sampled by the host's KSampler with CFG: the mask reaches the joint blocks (the latent's size is
+    recorded by the patch's APPLY_MODEL wrapper) and changes the result."""
+    from tools.comfy_host import pack_module
+    model = sd3_model()
+    path = tmp_path / "ip-adapter_sd35_reduced.bin"
+    factory.write_state_dict(instantx_sd35_adapter(7, blocks=2, hidden=128), path)
+    adapter = pack_module("nodes.ipadapter_encode").load(str(path))
+    embeds = torch.randn(2, 729, 1152, generator=torch.Generator().manual_seed(3))
+    mask = torch.zeros(1, 32, 48)
+    mask[:, :, :16] = 1.0
+    common = dict(model=model, ipadapter=adapter, pos_embeds=embeds, weight=[0.8, 0.4], weight_type="linear",
+                  start_at=0.0, end_at=1.0, embeds_scaling="V only", unfold_batch=True)
+    (masked,) = run(host, "ImagePromptApplyEmbeds", attn_mask=mask, **common)
+    (unmasked,) = run(host, "ImagePromptApplyEmbeds", **common)
+    (spec,) = masked.model_options["transformer_options"]["patches_replace"]["dit"][("double_block", 0)].prompt.adapters
+    assert spec.cond_embeds.shape[0] == 2 and spec.image_weights == (0.8, 0.4) and spec.mask.shape == (1, 32, 48)
+
+    g = torch.Generator().manual_seed(4)
+    positive = [[torch.randn(1, 7, 4096, generator=g), {"pooled_output": torch.randn(1, 2048, generator=g)}]]
+    negative = [[torch.randn(1, 7, 4096, generator=g), {"pooled_output": torch.randn(1, 2048, generator=g)}]]
+    latent = {"samples": torch.zeros(2, 16, 8, 12)}
+    sample = lambda m: host.KSampler().sample(m, 5, 2, 4.0, "euler", "simple", positive, negative, latent)[0]["samples"]
+    plain, with_mask, without = sample(model), sample(masked), sample(unmasked)
+    assert torch.isfinite(with_mask).all()
+    assert (with_mask - plain).abs().max() > 1e-3 and (with_mask - without).abs().max() > 1e-3
+
+
+@pytest.mark.host
 def test_the_published_file_on_another_width_and_per_step_limits_are_named(host, published, tmp_path):
     from tools.comfy_host import pack_module
     load = pack_module("nodes.ipadapter_encode").load
@@ -112,7 +142,8 @@ def test_the_published_file_on_another_width_and_per_step_limits_are_named(host,
         run(host, "ImagePromptApplyEmbeds", ipadapter=load(str(published)), embeds_scaling="V only", **common)
     reduced = tmp_path / "reduced.bin"
     factory.write_state_dict(instantx_sd35_adapter(6, blocks=2, hidden=128), reduced)
-    with pytest.raises(ValueError, match=r"embeds_scaling: not supported with reduced.bin \(instantx_sd35\) yet"):
+    with pytest.raises(ValueError, match=r"embeds_scaling: reduced.bin \(instantx_sd35\) takes 'V only' \(its image "
+                                         r"keys share the joint attention's softmax\); got 'K\+V'"):
         run(host, "ImagePromptApplyEmbeds", ipadapter=load(str(reduced)), embeds_scaling="K+V", **common)
 
 
