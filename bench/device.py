@@ -47,6 +47,7 @@ RUNS = (  # result file, bench module, its arguments there, its arguments for --
                                                             "--device"),
      ("--unet", "tiny", "--size", "64", "--rounds", "1", "--device")),
     ("flux_budget_gpu.json", "bench.flux_budget", ("--device", "--rounds", "20"), ("--rounds", "1")),
+    ("sd35_budget_gpu.json", "bench.sd35_budget", ("--device", "--rounds", "20"), ("--rounds", "1")),
     ("gpu_step_sdxl_1024.json", "bench.gpu_step", ("--model", "sdxl", "--size", "1024", "--steps", "20", "--rounds",
                                                   "3", *CUBIQ), TINY_STEPS),
 )

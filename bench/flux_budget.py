@@ -70,10 +70,13 @@ class FluxBench:
         context, y = torch.randn(batch, 5, 4096, generator=g), torch.randn(batch, 768, generator=g)
         t, guidance = torch.full((batch,), 0.5), torch.full((batch,), 3.5)
         x, context, y, t, guidance = (v.to(self.device) for v in (x, context, y, t, guidance))
-        options = dict(model.model_options["transformer_options"], cond_or_uncond=[1, 0][-batch:],
-                       sigmas=torch.full((1,), 0.5, device=self.device), wrappers=model.wrappers)
-        flux = model.model.diffusion_model
-        return lambda: flux(x, t, context, y=y, guidance=guidance, transformer_options=options)
+        flux, sigmas = model.model.diffusion_model, torch.full((1,), 0.5, device=self.device)
+
+        def call():  # a new sigma tensor per call, as each sampler step has: per-step work is redone
+            options = dict(model.model_options["transformer_options"], cond_or_uncond=[1, 0][-batch:],
+                           sigmas=sigmas.clone(), wrappers=model.wrappers)
+            return flux(x, t, context, y=y, guidance=guidance, transformer_options=options)
+        return call
 
 
 def dispatch(bench: FluxBench, cases: dict[str, list[str]], batch: int = 2, **inputs) -> dict:
@@ -126,9 +129,10 @@ def overhead(bench: FluxBench, versions: list[str], rounds: int, batch: int = 2)
             "flop_ratio": counted["patched"] / counted["bare"]}
 
 
-def main(argv: list[str]) -> int:
-    from bench.harness import write_result
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def start(argv: list[str], doc: str) -> argparse.Namespace:
+    """The DiT budget benches' arguments (--rounds, --device, --out), and the host started as they say (torch on one
+    thread)."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds of the CPU overhead (default 5)")
     parser.add_argument("--device", action="store_true", help="on the device the host picks (a GPU), with SDPA")
     parser.add_argument("--out", type=Path, help="also write the JSON result here")
@@ -136,6 +140,12 @@ def main(argv: list[str]) -> int:
     torch.set_num_threads(1)
     comfy_host.import_host(models_dir=factory.models_dir(), load_nodes=False, cpu=not args.device,
                            pytorch_attention=args.device)
+    return args
+
+
+def main(argv: list[str]) -> int:
+    from bench.harness import write_result
+    args = start(argv, __doc__)
     bench = FluxBench()
     mask = torch.zeros(1, 64, 64)
     mask[:, :, :32] = 1.0

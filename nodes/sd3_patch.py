@@ -16,6 +16,7 @@ latent's size, which the block patches cannot see), and a sigma range gates it, 
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 
 import comfy.patcher_extension
@@ -77,32 +78,51 @@ class SD3ImagePrompt:
         self.factors = ImageFactor(adapters)
         self._step: tuple[object, BatchLayout | None, dict] = (None, None, {})
         self._ratios: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._per_layout: dict[tuple, torch.Tensor] = {}
+        self._per_layout: dict[tuple, object] = {}  # resamplers by device, rows and row weights by layout
 
     def tokens(self, index: int, layout: BatchLayout, sigmas: torch.Tensor, device, dtype):
-        """Adapter ``index``'s (tokens [B, T, D], temb [B, W]) at this step: computed at the first block, reused."""
+        """Adapter ``index``'s (tokens [B, T, D], temb [B, W]) at this step: computed at the first block, reused;
+        the resampler runs once per distinct reference row (cond and uncond of each image), not per batch row."""
         step_sigmas, step_layout, cache = self._step
         if sigmas is not step_sigmas or layout != step_layout:
             cache = {}
             self._step = (sigmas, layout, cache)
         if index not in cache:
-            rows = self.rows(index, layout, device)
-            t = self.timestep(sigmas[:1]).float().to(device).expand(rows.shape[0])
-            resampler = self.adapters[index].resampler.to(device)
+            distinct, pick = self.rows(index, layout, device)
+            t = self.timestep(sigmas[:1]).float().to(device).expand(distinct.shape[0])
+            resampler = self.resampler(index, device)
             with torch.no_grad():
-                tokens, temb = resampler(rows, t)
+                tokens, temb = resampler(distinct, t)
+            if pick is not None:
+                tokens, temb = tokens.index_select(0, pick), temb.index_select(0, pick)
             cache[index] = (tokens.to(dtype), temb.to(dtype))
         return cache[index]
 
-    def rows(self, index: int, layout: BatchLayout, device) -> torch.Tensor:
-        """The hidden states [B, N, E] of each batch row (uncond or cond by its chunk, the image of its frame), on
-        ``device`` in fp32: made once per layout."""
+    def resampler(self, index: int, device) -> torch.nn.Module:
+        """Adapter ``index``'s resampler on ``device``: the loaded one where it is, else a copy made once (the
+        loaded adapter stays where it was, for other models)."""
+        key = ("resampler", index, device)
+        if key not in self._per_layout:
+            resampler = self.adapters[index].resampler
+            here = next(resampler.parameters()).device == torch.device(device)
+            self._per_layout[key] = resampler if here else copy.deepcopy(resampler).to(device)
+        return self._per_layout[key]
+
+    def rows(self, index: int, layout: BatchLayout, device) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The distinct hidden states [U, N, E] the batch rows need (uncond or cond by a row's chunk, the image of
+        its frame), on ``device`` in fp32, and which of them each batch row takes ([B], None when row i takes i):
+        made once per layout."""
         key = ("rows", index, layout, device)
         if key not in self._per_layout:
             spec = self.adapters[index]
-            images = [f % spec.cond_embeds.shape[0] for f in layout.frame_of_rows()]
-            self._per_layout[key] = torch.cat([(spec.uncond_embeds if uncond else spec.cond_embeds)[images]
-                                               for uncond in layout.uncond]).to(device, torch.float32)
+            wanted = [(uncond, f % spec.cond_embeds.shape[0]) for uncond in layout.uncond
+                      for f in layout.frame_of_rows()]
+            distinct = list(dict.fromkeys(wanted))
+            embeds = torch.stack([(spec.uncond_embeds if uncond else spec.cond_embeds)[image]
+                                  for uncond, image in distinct]).to(device, torch.float32)
+            pick = [distinct.index(row) for row in wanted]
+            self._per_layout[key] = (embeds, None if pick == list(range(len(pick))) else
+                                     torch.tensor(pick, device=device))
         return self._per_layout[key]
 
     def image_weights(self, index: int, layout: BatchLayout, device, dtype) -> torch.Tensor | None:
@@ -149,9 +169,9 @@ class SD3ImagePrompt:
             tokens, temb = self.tokens(index, layout, sigmas, q.device, q.dtype)
             shift, scale = F.linear(F.silu(temb), p["norm_ip.linear.weight"], p["norm_ip.linear.bias"]).chunk(2, dim=-1)
             ip = F.layer_norm(tokens, (tokens.shape[-1],), eps=NORM_EPS) * (1 + scale[:, None]) + shift[:, None]
-            ip_k = F.rms_norm((ip @ p["to_k_ip.weight"].T).unflatten(-1, (heads, -1)), (d // heads,),
+            ip_k = F.rms_norm(F.linear(ip, p["to_k_ip.weight"]).unflatten(-1, (heads, -1)), (d // heads,),
                               p["norm_ip_k.weight"], NORM_EPS)
-            ip_v = (ip @ p["to_v_ip.weight"].T).unflatten(-1, (heads, -1))
+            ip_v = F.linear(ip, p["to_v_ip.weight"]).unflatten(-1, (heads, -1))
             q_ratio, k_ratio = self.norm_ratios(block, p, q.device, q.dtype)
             queries = (q.unflatten(-1, (heads, -1)) * q_ratio).transpose(1, 2)
             keys = torch.cat([k.unflatten(-1, (heads, -1)) * k_ratio, ip_k], dim=1).transpose(1, 2)
