@@ -103,24 +103,29 @@ def flops(step) -> int:
     return counter.get_total_flops()
 
 
+def seconds(call, device: torch.device) -> float:
+    """How long one ``call()`` takes: CPU time on the CPU, wall time between two synchronizes on a GPU."""
+    gpu = device.type == "cuda"
+    clock = time.perf_counter if gpu else time.process_time
+    if gpu:
+        torch.cuda.synchronize()
+    start = clock()
+    call()
+    if gpu:
+        torch.cuda.synchronize()
+    return clock() - start
+
+
 def overhead(bench: FluxBench, versions: list[str], rounds: int, batch: int = 2) -> dict:
     """Time of a bare and a patched step (median of ``rounds``, interleaved; CPU time on the CPU, wall time after a
     synchronize on a GPU), and their FLOPs."""
     bare, patched = bench.step(bench.model, batch), bench.step(bench.patched(versions), batch)
-    gpu = bench.device.type == "cuda"
-    clock = time.perf_counter if gpu else time.process_time
     times = {"bare": [], "patched": []}
     with torch.no_grad():
         counted = {"bare": flops(bare), "patched": flops(patched)}  # also the warm-up
         for _ in range(rounds):
             for name, step in (("bare", bare), ("patched", patched)):
-                if gpu:
-                    torch.cuda.synchronize()
-                start = clock()
-                step()
-                if gpu:
-                    torch.cuda.synchronize()
-                times[name].append(clock() - start)
+                times[name].append(seconds(step, bench.device))
     ratios = sorted(p / b for p, b in zip(times["patched"], times["bare"]))
     medians = {name: statistics.median(values) * 1000 for name, values in times.items()}
     return {"adapters": versions, "rounds": rounds, "device": str(bench.device), "bare_ms": medians["bare"],

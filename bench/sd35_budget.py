@@ -16,13 +16,12 @@ from __future__ import annotations
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 from bench.dispatch_budget import aten_ops
-from bench.flux_budget import dispatch, overhead, start
+from bench.flux_budget import dispatch, overhead, seconds, start
 from tools import comfy_host, factory
 from tools.factory.dit_models import instantx_sd35_adapter
 
@@ -118,19 +117,9 @@ class SD35Bench:
     def resampler_ms(self, rounds: int, batch: int = 2) -> float:
         """Median time of the resampler's per-step call (batch rows of SigLIP hidden states), in ms."""
         resampler = self.resampler(batch)
-        gpu = self.device.type == "cuda"
-        clock = time.perf_counter if gpu else time.process_time
-        times = []
         with torch.no_grad():
             resampler()
-            for _ in range(rounds):
-                if gpu:
-                    torch.cuda.synchronize()
-                start = clock()
-                resampler()
-                if gpu:
-                    torch.cuda.synchronize()
-                times.append(clock() - start)
+            times = [seconds(resampler, self.device) for _ in range(rounds)]
         return statistics.median(times) * 1000
 
 

@@ -16,6 +16,12 @@ def check_kv_scaling(kv_scaling: str) -> None:
     check_choice("embeds_scaling", kv_scaling, KV_SCALINGS)
 
 
+def check_image_weights(image_weights: tuple[float, ...], images: int) -> None:
+    """ValueError unless there are no image weights or one per image."""
+    if image_weights and len(image_weights) != images:
+        raise ValueError(f"weight: {len(image_weights)} weights for {images} images; give one weight, or one per image")
+
+
 def scaled_kv(k: torch.Tensor, v: torch.Tensor, weight: float | torch.Tensor, kv_scaling: str):
     """Image K and V [n, T, C] with the weight folded in where ``kv_scaling`` puts it: V only (the output is
     linear in V), K and V, either with the C penalty (weight x C / 1280), or K and the token mean of V."""
@@ -62,9 +68,7 @@ class AdapterSpec:
 
     def __post_init__(self):
         check_kv_scaling(self.kv_scaling)
-        if self.image_weights and len(self.image_weights) != self.cond_tokens.shape[0]:
-            raise ValueError(f"weight: {len(self.image_weights)} weights for {self.cond_tokens.shape[0]} images; "
-                             f"give one weight, or one per image")
+        check_image_weights(self.image_weights, self.images)
 
     @property
     def images(self) -> int:

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from comfy.ldm.modules.attention import optimized_attention
 
+from ..ipadapter_core.adapter_spec import check_image_weights
 from ..ipadapter_core.batch_layout import BatchLayout
 from ..ipadapter_core.image_factor import ImageFactor, LayerGrid
 from .flux_patch import LATENT_WRAPPER_KEY, LatentSize
@@ -50,9 +51,7 @@ class TimeConditionedSpec:
     _moved: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self):
-        if self.image_weights and len(self.image_weights) != self.cond_embeds.shape[0]:
-            raise ValueError(f"weight: {len(self.image_weights)} weights for {self.cond_embeds.shape[0]} images; "
-                             f"give one weight, or one per image")
+        check_image_weights(self.image_weights, self.cond_embeds.shape[0])
 
     def block(self, index: int, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         """Block ``index``'s adapter weights on ``device`` in ``dtype`` (copied once)."""
@@ -78,7 +77,7 @@ class SD3ImagePrompt:
         self.factors = ImageFactor(adapters)
         self._step: tuple[object, BatchLayout | None, dict] = (None, None, {})
         self._ratios: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._per_layout: dict[tuple, object] = {}  # resamplers by device, rows and row weights by layout
+        self._made: dict[tuple, object] = {}  # made once: resamplers by device, rows and row weights by layout
 
     def tokens(self, index: int, layout: BatchLayout, sigmas: torch.Tensor, device, dtype):
         """Adapter ``index``'s (tokens [B, T, D], temb [B, W]) at this step: computed at the first block, reused;
@@ -102,18 +101,18 @@ class SD3ImagePrompt:
         """Adapter ``index``'s resampler on ``device``: the loaded one where it is, else a copy made once (the
         loaded adapter stays where it was, for other models)."""
         key = ("resampler", index, device)
-        if key not in self._per_layout:
+        if key not in self._made:
             resampler = self.adapters[index].resampler
             here = next(resampler.parameters()).device == torch.device(device)
-            self._per_layout[key] = resampler if here else copy.deepcopy(resampler).to(device)
-        return self._per_layout[key]
+            self._made[key] = resampler if here else copy.deepcopy(resampler).to(device)
+        return self._made[key]
 
     def rows(self, index: int, layout: BatchLayout, device) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The distinct hidden states [U, N, E] the batch rows need (uncond or cond by a row's chunk, the image of
         its frame), on ``device`` in fp32, and which of them each batch row takes ([B], None when row i takes i):
         made once per layout."""
         key = ("rows", index, layout, device)
-        if key not in self._per_layout:
+        if key not in self._made:
             spec = self.adapters[index]
             wanted = [(uncond, f % spec.cond_embeds.shape[0]) for uncond in layout.uncond
                       for f in layout.frame_of_rows()]
@@ -121,9 +120,9 @@ class SD3ImagePrompt:
             embeds = torch.stack([(spec.uncond_embeds if uncond else spec.cond_embeds)[image]
                                   for uncond, image in distinct]).to(device, torch.float32)
             pick = [distinct.index(row) for row in wanted]
-            self._per_layout[key] = (embeds, None if pick == list(range(len(pick))) else
+            self._made[key] = (embeds, None if pick == list(range(len(pick))) else
                                      torch.tensor(pick, device=device))
-        return self._per_layout[key]
+        return self._made[key]
 
     def image_weights(self, index: int, layout: BatchLayout, device, dtype) -> torch.Tensor | None:
         """Each batch row's image weight, [B, 1, 1] (made once per layout), or None without image weights."""
@@ -131,11 +130,11 @@ class SD3ImagePrompt:
         if not spec.image_weights:
             return None
         key = ("weights", index, layout, device, dtype)
-        if key not in self._per_layout:
+        if key not in self._made:
             n = len(spec.image_weights)
             weights = [spec.image_weights[f % n] for _ in layout.uncond for f in layout.frame_of_rows()]
-            self._per_layout[key] = torch.tensor(weights, device=device, dtype=dtype)[:, None, None]
-        return self._per_layout[key]
+            self._made[key] = torch.tensor(weights, device=device, dtype=dtype)[:, None, None]
+        return self._made[key]
 
     def norm_ratios(self, block, weights: dict, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """(adapter norm_q / block ln_q, adapter norm_k / block ln_k) weights, [head_dim] each."""
@@ -219,9 +218,8 @@ class JointBlockPatch:
         return self  # weights are moved per device and dtype when used
 
 
-def joint_blocks(model_patcher):
+def joint_blocks(mmdit):
     """The MMDiT's joint blocks, or ValueError when a block has the layout the adapter was not trained on."""
-    mmdit = model_patcher.get_model_object("diffusion_model")
     blocks = mmdit.joint_blocks
     if any(block.x_block.x_block_self_attn for block in blocks):
         raise ValueError("model: this MMDiT has the SD3.5 Medium layout (a second image attention in its first "
@@ -231,18 +229,17 @@ def joint_blocks(model_patcher):
 
 def patch_sd3(model_patcher, spec: TimeConditionedSpec):
     """A clone of ``model_patcher`` (an SD3.5-Large MMDiT) with ``spec`` added to its joint blocks' image stream."""
-    blocks = joint_blocks(model_patcher)
+    mmdit = model_patcher.get_model_object("diffusion_model")
+    blocks = joint_blocks(mmdit)
     patched = model_patcher.clone()
     replaces = patched.model_options["transformer_options"].get("patches_replace", {}).get("dit", {})
     previous = replaces.get((DIT_BLOCK, 0))
-    adapters = (previous.prompt.adapters if isinstance(previous, JointBlockPatch) else ()) + (spec,)
     if isinstance(previous, JointBlockPatch):
-        latent = previous.prompt.latent
+        adapters, latent = previous.prompt.adapters + (spec,), previous.prompt.latent
     else:
-        latent = LatentSize()
+        adapters, latent = (spec,), LatentSize()
         patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, LATENT_WRAPPER_KEY, latent.record)
     sampling = model_patcher.get_model_object("model_sampling")
-    mmdit = model_patcher.get_model_object("diffusion_model")
     prompt = SD3ImagePrompt(blocks, adapters, sampling.timestep, latent, mmdit.patch_size)
     for i in range(len(blocks)):
         patched.set_model_patch_replace(JointBlockPatch(prompt, i), "dit", DIT_BLOCK, i)
