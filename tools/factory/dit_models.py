@@ -8,6 +8,8 @@ number of double- and single-stream blocks is smaller. XLabs' adapter files keep
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from .pool import WeightPools, meta_shapes
@@ -21,11 +23,23 @@ XLABS_TOKENS = {"flux-ip-adapter": 4, "flux-ip-adapter-v2": 16}
 XLABS_IMAGE_EMBED = 768  # CLIP ViT-L/14 image_embeds
 
 
+# Settings that newer hosts' FluxParams require and that their detection gives FLUX.1-dev (0.28: which text
+# position axes count up; none for FLUX.1); passed only to a host whose FluxParams has them.
+FLUX_DEV_HOST_DEFAULTS = dict(txt_ids_dims=[])
+
+
+def host_flux_config(config: dict) -> dict:
+    """``config`` with the FLUX.1-dev values of the settings this host's FluxParams requires beyond it."""
+    from comfy.ldm.flux.model import FluxParams
+    fields = {field.name for field in dataclasses.fields(FluxParams)}
+    return {**config, **{k: v for k, v in FLUX_DEV_HOST_DEFAULTS.items() if k in fields and k not in config}}
+
+
 def flux_shapes(config: dict) -> dict[str, torch.Size]:
     import comfy.ops
     from comfy.ldm.flux.model import Flux
     with torch.device("meta"):
-        return meta_shapes(Flux(operations=comfy.ops.disable_weight_init, **config))
+        return meta_shapes(Flux(operations=comfy.ops.disable_weight_init, **host_flux_config(config)))
 
 
 def flux_transformer(config: dict, seed: int) -> dict[str, torch.Tensor]:
@@ -78,7 +92,7 @@ def xlabs_controlnet(seed: int) -> dict[str, torch.Tensor]:
     import comfy.ops
     from comfy.ldm.flux.controlnet import ControlNetFlux
     with torch.device("meta"):
-        shapes = meta_shapes(ControlNetFlux(operations=comfy.ops.disable_weight_init, **XLABS_CONTROLNET))
+        shapes = meta_shapes(ControlNetFlux(operations=comfy.ops.disable_weight_init, **host_flux_config(XLABS_CONTROLNET)))
     return WeightPools(seed).state_dict(shapes)
 
 
