@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import comfy.patcher_extension
+import torch
 from comfy.ldm.modules.attention import optimized_attention
 
 from ..ipadapter_core.adapter_spec import AdapterSpec
@@ -115,12 +116,14 @@ def uncond_chunks(options: dict) -> tuple[bool, ...]:
 
 def window_frames(options: dict, rows: int) -> tuple[int, ...] | None:
     """The frame index of each latent in a batch chunk of ``rows`` latents when the UNet runs on a window of the
-    frames: the host's context window along the batch (``context_window.index_list``) or AnimateDiff-Evolved's
+    frames: the host's context window along the batch (the frames its own ``get_tensor`` slices: ``index_list``, after
+    the anchor frame that newer hosts' ``causal_window_fix`` puts first) or AnimateDiff-Evolved's
     (``ad_params["sub_idxs"]``). None when there is no window, or one of another length (a window left in the
     options from an earlier call)."""
     window = options.get("context_window")
     if window is not None and getattr(window, "dim", 0) == 0:
-        frames = getattr(window, "index_list", None)
+        index_list = getattr(window, "index_list", None)
+        frames = window.get_tensor(torch.arange(max(index_list) + 1)).tolist() if index_list else None
     else:
         frames = (options.get("ad_params") or {}).get("sub_idxs")
     if frames is None or len(frames) != rows:

@@ -145,17 +145,24 @@ def test_advanced_node_combines_images_and_takes_a_negative_image(host, patched)
 WINDOWS = ((0, 1, 2, 3), (2, 3, 4, 5), (4, 5, 6, 7))  # 8 frames, windows of 4 with a stride of 2
 
 
+def context_window(frames, dim: int = 0, total: int = 32):
+    """The host's IndexListContextWindow over ``frames`` (newer hosts also take the length of the whole batch)."""
+    import inspect
+
+    from comfy.context_windows import IndexListContextWindow
+    takes_total = "total_frames" in inspect.signature(IndexListContextWindow).parameters
+    return IndexListContextWindow(list(frames), dim=dim, **({"total_frames": total} if takes_total else {}))
+
+
 def run_in_windows(source: str):
     """A CALC_COND_BATCH wrapper that runs the UNet on WINDOWS of the frames, one after the other, as
     AnimateDiff-Evolved's context windows (``source`` "ad_params") or the host's (``source`` "context_window")
     do, with the window in the transformer options; later windows overwrite the frames they share."""
-    from comfy.context_windows import IndexListContextWindow
-
     def wrapper(executor, model, conds, x_in, timestep, model_options):
         outputs = [torch.zeros_like(x_in) for _ in conds]
         for frames in WINDOWS:
             window = ({"sub_idxs": list(frames), "full_length": x_in.shape[0]} if source == "ad_params"
-                      else IndexListContextWindow(list(frames)))
+                      else context_window(frames, total=x_in.shape[0]))
             options = {**model_options, "transformer_options": {**model_options["transformer_options"],
                                                                 source: window}}
             index = torch.tensor(frames)
@@ -196,13 +203,54 @@ def test_an_unfolded_batch_keeps_each_frames_image_when_the_unet_runs_on_windows
     torch.testing.assert_close(in_windows, whole, rtol=1e-4, atol=1e-4)
 
 
+def host_context_windows(host) -> tuple[bool, ...]:
+    """The causal_window_fix settings the host's Context Windows node takes: (True, False) where it has the option
+    (0.28 and newer: each window after the first also gets the frame before it, first), () where the node cannot
+    sample an image model (0.3.75 looks up the step among the sigmas of a video model's schedule and fails)."""
+    inputs = {spec.id for spec in host.NODE_CLASS_MAPPINGS["ContextWindowsManual"].define_schema().inputs}
+    return (True, False) if "causal_window_fix" in inputs else ()
+
+
+@pytest.mark.parametrize("causal_fix", (True, False))
+def test_an_unfolded_batch_under_the_hosts_context_windows_node_equals_one_pass(host, patched, causal_fix):
+    """8 latents with one reference image each (a weight per image), sampled with the host's own Context Windows
+    node (windows of 4 overlapping by 2) with its causal fix on and off, equal one pass over the whole batch: the
+    patch gives each row of a window the image of the frame the host put there, the anchor frame included."""
+    if causal_fix not in host_context_windows(host):
+        pytest.skip("this host's Context Windows node has no causal_window_fix" if host_context_windows(host) else
+                    "this host's Context Windows node cannot sample an image model")
+    _, clip = patched
+    model = host.CheckpointLoaderSimple().load_checkpoint("tiny_sd15.ckpt")[0]
+    (clip_vision,) = host.CLIPVisionLoader().load_clip("CLIP-ViT-H-14-laion2B-s32B-b79K.pt")
+    (adapter,) = run_node(host, "ImagePromptAdapterLoader", ipadapter_file=ADAPTER)
+    images = torch.rand(8, 64, 64, 3, generator=torch.Generator().manual_seed(6))
+    (unfolded,) = run_node(host, "ImagePromptApplyAdvanced", model=model, ipadapter=adapter, clip_vision=clip_vision,
+                           image=images, weight=[1.0, 0.4, 1.6, 0.8, 1.2, 0.6, 1.4, 1.0], weight_type="linear",
+                           start_at=0.0, end_at=1.0, combine_embeds="concat", embeds_scaling="V only",
+                           composition_weight=1.0, unfold_batch=True)
+    (windowed,) = run_node(host, "ContextWindowsManual", model=unfolded, context_length=4, context_overlap=2,
+                           context_schedule="standard_static", context_stride=1, closed_loop=False,
+                           fuse_method="pyramid", dim=0, freenoise=False, causal_window_fix=causal_fix)
+    positive, negative = encode(host, clip, "a house"), encode(host, clip, "blurry")
+    latent = {"samples": torch.zeros(8, 4, 8, 8)}
+    whole, in_windows = (host.KSampler().sample(m, 5, 2, 5.0, "euler", "normal", positive, negative, latent)[0]
+                         ["samples"] for m in (unfolded, windowed))
+    plain = host.KSampler().sample(model, 5, 2, 5.0, "euler", "normal", positive, negative, latent)[0]["samples"]
+    assert (whole - plain).abs().max() > 0.05  # the images move the result: frames given the wrong one would show
+    torch.testing.assert_close(in_windows, whole, rtol=1e-3, atol=1e-3)
+
+
 def test_window_frames_come_from_the_hosts_context_window_or_animatediff_evolved(host):
-    from comfy.context_windows import IndexListContextWindow
     window_frames = pack_module("nodes.ipadapter_patch").window_frames
-    assert window_frames({"context_window": IndexListContextWindow([5, 6, 7, 0])}, 4) == (5, 6, 7, 0)
+    assert window_frames({"context_window": context_window([5, 6, 7, 0])}, 4) == (5, 6, 7, 0)
     assert window_frames({"ad_params": {"sub_idxs": [8, 9, 10], "full_length": 32}}, 3) == (8, 9, 10)
     assert window_frames({"ad_params": {"sub_idxs": None, "full_length": 32}}, 32) is None
     assert window_frames({}, 4) is None
     # a window along another dimension (video models' frames), or of another length than the chunk: none
-    assert window_frames({"context_window": IndexListContextWindow([1, 2], dim=2)}, 2) is None
-    assert window_frames({"context_window": IndexListContextWindow([0, 1, 2, 3])}, 8) is None
+    assert window_frames({"context_window": context_window([1, 2], dim=2)}, 2) is None
+    assert window_frames({"context_window": context_window([0, 1, 2, 3])}, 8) is None
+    # where the host slices an anchor frame before the window (causal_window_fix), its rows come first
+    anchored = context_window([4, 5, 6, 7], total=8)
+    anchored.causal_anchor_index = 3
+    expected = (3, 4, 5, 6, 7) if len(anchored.get_tensor(torch.arange(8))) == 5 else (4, 5, 6, 7)
+    assert window_frames({"context_window": anchored}, len(expected)) == expected
