@@ -9,7 +9,9 @@ A masked edit or one below denoise 1 starts from that latent; a mask goes on it 
 """
 from __future__ import annotations
 
+import inspect
 import math
+import os
 
 import comfy.model_management
 import comfy.sample
@@ -293,15 +295,26 @@ class InstructEditModelLoader(io.ComfyNode):
 
     @classmethod
     def execute(cls, unet_name: str) -> io.NodeOutput:
-        state_dict = comfy.utils.load_torch_file(folder_paths.get_full_path_or_raise("diffusion_models", unet_name),
-                                                 safe_load=True)
-        if is_diffusers_unet(state_dict):
-            state_dict = to_ldm(state_dict)
-        model = comfy.sd.load_diffusion_model_state_dict(state_dict)
-        if model is None:
-            raise ValueError(f"unet_name: the host does not recognise {unet_name} as a diffusion model")
+        model = load_edit_model(folder_paths.get_full_path_or_raise("diffusion_models", unet_name))
         check_edit_model(model, f"unet_name: {unet_name}")
         return io.NodeOutput(model)
+
+
+def load_edit_model(path: str, disable_dynamic: bool = False):
+    """The host's ModelPatcher of the edit UNet at ``path`` (either layout). Where the host rebuilds models from
+    their loader (``cached_patcher_init``: dynamic VRAM's non-dynamic delegate, a copy per GPU), this function is
+    that loader, as the host's own UNet loader registers itself."""
+    state_dict = comfy.utils.load_torch_file(path, safe_load=True)
+    if is_diffusers_unet(state_dict):
+        state_dict = to_ldm(state_dict)
+    takes_dynamic = "disable_dynamic" in inspect.signature(comfy.sd.load_diffusion_model_state_dict).parameters
+    model = comfy.sd.load_diffusion_model_state_dict(
+        state_dict, **({"disable_dynamic": disable_dynamic} if takes_dynamic else {}))
+    if model is None:
+        raise ValueError(f"unet_name: the host does not recognise {os.path.basename(path)} as a diffusion model")
+    if hasattr(model, "cached_patcher_init"):
+        model.cached_patcher_init = (load_edit_model, (path,))
+    return model
 
 
 NODES = [InstructEditConditioning, InstructEditGuider, InstructEditSampler, InstructEditModelLoader]

@@ -137,7 +137,8 @@ class ImagePromptSaveEmbeds(io.ComfyNode):
         inside(output_dir, filename_prefix or "_", "filename_prefix")
         folder, name, counter, _, _ = folder_paths.get_save_image_path(filename_prefix, output_dir)
         os.makedirs(folder, exist_ok=True)
-        save_embeds(inside(folder, f"{name}_{counter:05}.safetensors", "filename_prefix"), embeds)
+        # numbered as the host's Save Image numbers its files (name_00001_.png): its counter reads that form
+        save_embeds(inside(folder, f"{name}_{counter:05}_.safetensors", "filename_prefix"), embeds)
         return io.NodeOutput()
 
 

@@ -121,6 +121,21 @@ def test_diffusers_format_edit_unet_loads_and_equals_diffusers(host, need_models
     torch.testing.assert_close(ours, expected, rtol=0, atol=1e-4)
 
 
+def test_edit_loader_registers_itself_for_hosts_that_rebuild_models(host, need_models):
+    """Newer hosts rebuild a model from its loader (``cached_patcher_init``) for dynamic VRAM's non-dynamic delegate,
+    for conditionings with hooks and for a copy per GPU; a model from Load Instruct Edit Model rebuilds too."""
+    import inspect
+    need_models(f"diffusion_models/{HQ_EDIT}")
+    (model,) = run_node(host, "InstructEditModelLoader", unet_name=HQ_EDIT)
+    if "force_deepcopy" not in inspect.signature(model.clone).parameters:
+        pytest.skip("this host does not rebuild models from their loader (no ModelPatcher.clone(force_deepcopy))")
+    rebuilt = model.clone(force_deepcopy=True)  # the host's path: cached_patcher_init with disable_dynamic=True
+    assert rebuilt.model is not model.model
+    assert type(rebuilt.model.model_config).__name__ == "SD15_instructpix2pix"
+    ours, theirs = model.model.diffusion_model.state_dict(), rebuilt.model.diffusion_model.state_dict()
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
 def test_edit_loader_refuses_a_text_to_image_unet(host, tmp_path):
     import folder_paths
     from tools.factory.edit_models import TINY_SD15_DIFFUSERS, diffusers_unet

@@ -135,6 +135,18 @@ def test_saved_embeds_load_back_and_names_cannot_leave_the_folders(host, parts, 
     os.remove(target)
 
 
+def test_save_embeds_numbers_its_files_like_the_hosts_save_image(host, parts):
+    """A second save never overwrites the first: name_00001_.safetensors, then name_00002_ (Save Image's form)."""
+    import folder_paths
+    out_dir = os.path.join(folder_paths.get_output_directory(), "numbered")
+    for seed in (1, 2, 3):
+        run(host, "ImagePromptSaveEmbeds", embeds=torch.randn(1, 4, 8, generator=torch.Generator().manual_seed(seed)),
+            filename_prefix="numbered/kept")
+    assert sorted(os.listdir(out_dir)) == [f"kept_0000{i}_.safetensors" for i in (1, 2, 3)]
+    images = host.SaveImage().save_images(torch.zeros(1, 4, 4, 3), filename_prefix="numbered/kept")
+    assert images["ui"]["images"][0]["filename"] == "kept_00004_.png"  # one counter with the host's images
+
+
 class _Canary:
     def __init__(self, path):
         self.path = path
