@@ -131,3 +131,12 @@ def test_full_sdxl_layout_has_the_real_70_cross_attention_layers_and_text_encode
     assert keys.count(("middle", 0, 9)) == 1 and ("input", 8, 9) in keys and ("output", 5, 1) in keys
     contexts = {m.to_k.in_features for n, m in model.model.diffusion_model.named_modules() if n.endswith(".attn2")}
     assert contexts == {2048}
+
+
+def test_flux_files_have_black_forest_labs_key_names_whichever_host_builds_them(host):
+    """Newer hosts name the per-head RMS norms' weights ``*_norm.weight`` in their modules and rename a file's
+    ``*_norm.scale`` on loading; the factory writes the published names, so one cached file serves every host."""
+    from tools.factory import dit_models
+    for shapes in (dit_models.flux_shapes(dit_models.FLUX_REDUCED), dit_models.xlabs_controlnet(1)):
+        norms = [key for key in shapes if "_norm." in key and ".norm." in key]
+        assert norms and all(key.endswith(("query_norm.scale", "key_norm.scale")) for key in norms), norms[:4]

@@ -35,11 +35,19 @@ def host_flux_config(config: dict) -> dict:
     return {**config, **{k: v for k, v in FLUX_DEV_HOST_DEFAULTS.items() if k in fields and k not in config}}
 
 
+def published_names(shapes: dict[str, torch.Size]) -> dict[str, torch.Size]:
+    """The key names of Black Forest Labs' files for a host Flux module's: the per-head RMS norms' weights are
+    ``*_norm.scale`` there (0.28 hosts name the module's ``*_norm.weight`` and rename the file's on loading), so a
+    factory file has one layout whichever host built it."""
+    suffixes = ("query_norm.weight", "key_norm.weight")
+    return {(k[:-len("weight")] + "scale" if k.endswith(suffixes) else k): s for k, s in shapes.items()}
+
+
 def flux_shapes(config: dict) -> dict[str, torch.Size]:
     import comfy.ops
     from comfy.ldm.flux.model import Flux
     with torch.device("meta"):
-        return meta_shapes(Flux(operations=comfy.ops.disable_weight_init, **host_flux_config(config)))
+        return published_names(meta_shapes(Flux(operations=comfy.ops.disable_weight_init, **host_flux_config(config))))
 
 
 def flux_transformer(config: dict, seed: int) -> dict[str, torch.Tensor]:
@@ -92,7 +100,8 @@ def xlabs_controlnet(seed: int) -> dict[str, torch.Tensor]:
     import comfy.ops
     from comfy.ldm.flux.controlnet import ControlNetFlux
     with torch.device("meta"):
-        shapes = meta_shapes(ControlNetFlux(operations=comfy.ops.disable_weight_init, **host_flux_config(XLABS_CONTROLNET)))
+        shapes = published_names(meta_shapes(ControlNetFlux(operations=comfy.ops.disable_weight_init,
+                                                             **host_flux_config(XLABS_CONTROLNET))))
     return WeightPools(seed).state_dict(shapes)
 
 
