@@ -12,6 +12,7 @@ import torch
 
 from ipadapter_core.loader import load_adapter
 from tools import factory
+from tools.comfy_host import pack_module
 from tools.factory.dit_models import SIGLIP_SO400M, instantx_flux_adapter
 
 from test_flux_nodes import run, sample  # the XLabs node tests' node runner and Flux sampling
@@ -65,8 +66,6 @@ def test_the_pooled_output_is_siglips_pooler_output(host, flux):
     ``pooler_output`` (what InstantX's and DiffSynth's pipelines feed the adapter)."""
     import comfy.clip_vision
     from transformers import SiglipVisionConfig, SiglipVisionModel
-
-    from tools.comfy_host import pack_module
     _, siglip, adapter = flux
     image = reference(3)
     ours = pack_module("nodes.ipadapter_encode").encode_images(adapter, siglip, image, "pooled")
@@ -84,7 +83,6 @@ def test_the_pooled_output_is_siglips_pooler_output(host, flux):
 def test_a_siglip_without_its_pooling_head_on_disk_is_named(host, flux, tmp_path):
     import comfy.clip_vision
 
-    from tools.comfy_host import pack_module
     _, _, adapter = flux
     weights = torch.load(factory.ensure(SIGLIP) / SIGLIP, weights_only=True)
     weights = {k: v for k, v in weights.items() if ".head." not in k}
@@ -103,8 +101,13 @@ def test_apply_samples_with_the_single_pass_and_with_real_cfg_and_beside_xlabs(h
     (patched,) = run(host, "ImagePromptApply", model=model, ipadapter=adapter, clip_vision=siglip, image=reference(),
                      weight=1.0)
     options = patched.model_options["transformer_options"]
-    assert set(options["patches_replace"]["dit"]) == {("double_block", 0), ("double_block", 1), ("single_block", 0)}
-    (spec,) = options["optimized_attention_override"].__self__.adapters
+    module = pack_module("nodes.flux_instantx_patch")
+    if module.calls_attention_patches(model.get_model_object("diffusion_model")):  # the host's attention patches
+        assert "dit" not in options.get("patches_replace", {}) and "optimized_attention_override" not in options
+    else:  # block patches on every block and the attention override
+        assert set(options["patches_replace"]["dit"]) == {("double_block", 0), ("double_block", 1),
+                                                          ("single_block", 0)}
+    (spec,) = module.applied(options, module.InstantXTerms).adapters
     with torch.no_grad():  # the negative side: the projection of zeros, as DiffSynth's pipeline makes it
         torch.testing.assert_close(spec.uncond_tokens, adapter.projection(torch.zeros(1, 1152)), rtol=0, atol=0)
     for cfg in (1.0, 2.5):  # guidance-distilled single pass; true CFG batches the negative too
@@ -125,7 +128,8 @@ def test_unified_loader_finds_the_preset_file_and_siglip_and_a_wrong_encoder_is_
     assert loaded.file.name == factory.INSTANTX_FLUX_FILE and loaded.file.variant.name == "instantx_flux"
     assert clip_vision is loaded.clip_vision is not None
     (patched,) = run(host, "ImagePromptApply", model=patched_model, ipadapter=loaded, image=reference(), weight=0.7)
-    assert "optimized_attention_override" in patched.model_options["transformer_options"]
+    module = pack_module("nodes.flux_instantx_patch")
+    assert module.applied(patched.model_options["transformer_options"], module.InstantXTerms) is not None
     (clip_l,) = host.CLIPVisionLoader().load_clip("clip_vision_l.pt")
     with pytest.raises(ValueError, match=r"needs the CLIP vision SigLIP-so400m-384 \(sigclip_vision_patch14_384"
                                          r".safetensors, hidden width 1152, 384 px\); the connected CLIP vision is "

@@ -29,6 +29,7 @@ from test_flux_parity import LATENT_HW, TEXT_TOKENS, inputs  # the XLabs parity'
 pytestmark = pytest.mark.host
 
 CONFIG = dit_models.FLUX_REDUCED
+QUERY, OUTPUT = "attn1_patch", "attn1_output_patch"  # the host's attention patches, where its Flux blocks call them
 DOUBLES, SINGLES = CONFIG["depth"], CONFIG["depth_single_blocks"]
 
 
@@ -42,16 +43,17 @@ def diffsynth(module: str):
     return importlib.import_module(f"diffsynth.{module}")
 
 
-def diffsynth_twin(host_sd: dict):
-    """DiffSynth's FluxDiT with the host model's weights (fp32, eval), through DiffSynth's converter of Black Forest
-    Labs' layout; built on the meta device, as it always makes 38 single-stream blocks, then cut to the file's."""
+def diffsynth_twin(file_sd: dict):
+    """DiffSynth's FluxDiT with the file's weights (fp32, eval), through DiffSynth's converter of Black Forest Labs'
+    layout (the file's; newer hosts name their modules' RMSNorm scales otherwise); built on the meta device, as it
+    always makes 38 single-stream blocks, then cut to the file's."""
     flux_dit = diffsynth("models.flux_dit")
     converter = diffsynth("utils.state_dict_converters.flux_dit").FluxDiTStateDictConverter
     with torch.device("meta"):
         twin = flux_dit.FluxDiT(num_blocks=DOUBLES)
     twin.single_blocks = twin.single_blocks[:SINGLES]
     twin.to_empty(device="cpu")
-    twin.load_state_dict(converter(host_sd), strict=True)
+    twin.load_state_dict(converter(file_sd), strict=True)
     return twin.eval()
 
 
@@ -83,8 +85,8 @@ class Flux:
         import comfy.sd
         import comfy.utils
         sd = comfy.utils.load_torch_file(str(models_dir / "diffusion_models" / factory.FLUX_FILE))
+        self.twin = diffsynth_twin(sd)  # before the host's loader, which may rename the dict's keys
         self.model = comfy.sd.load_diffusion_model_state_dict(sd)
-        self.twin = diffsynth_twin(self.model.model.diffusion_model.state_dict())
         self.encode = pack_module("nodes.ipadapter_encode")
         self.apply = pack_module("nodes.ipadapter_apply")
         self.options = pack_module("ipadapter_core.apply_options").ApplyOptions
@@ -106,6 +108,12 @@ class Flux:
                        sigmas=torch.full((1,), sigma), wrappers=model.wrappers)
         with torch.no_grad():
             return model.model.diffusion_model(x, t, context, y=y, guidance=guidance, transformer_options=options)
+
+
+def applied_patch(model):
+    """Our patch object on ``model`` (attention patches or block patches, as the host's blocks allow)."""
+    patch = pack_module("nodes.flux_instantx_patch")
+    return patch.applied(model.model_options["transformer_options"], patch.InstantXTerms)
 
 
 def reference_kv(adapter, tokens_per_row: list[torch.Tensor], scales: list[float], rows=None) -> dict[int, dict]:
@@ -249,7 +257,7 @@ def test_two_adapters_compose_like_their_summed_terms(flux, tmp_path):
     first, second = flux.adapter(41, tmp_path), flux.adapter(42, tmp_path)
     e1, e2 = pooled(g), pooled(g)
     patched = flux.patch(flux.patch(flux.model, first, *e1, 0.9), second, *e2, 0.5)
-    patch = patched.model_options["transformer_options"]["optimized_attention_override"].__self__
+    patch = applied_patch(patched)
     assert len(patch.adapters) == 2 and len(patch.groups[0]) == 1
     ours = flux.run_host(patched, x, t, context, y, guidance, [1, 0])
     references = []
@@ -291,3 +299,60 @@ def test_weight_zero_is_bit_identical_and_the_input_model_is_untouched(flux, tmp
     options = flux.model.model_options["transformer_options"]
     assert "patches_replace" not in options and "optimized_attention_override" not in options
     assert torch.equal(flux.run_host(flux.model, x, t, context, y, guidance, [0]), before)
+
+
+def test_the_detection_says_what_the_hosts_blocks_call(flux):
+    """``calls_attention_patches`` (which reads the blocks' code) agrees with what the host's blocks do: a pair of
+    recording attention patches runs once per block where it says yes, never where it says no."""
+    module = pack_module("nodes.flux_instantx_patch")
+    calls = []
+    recording = flux.model.clone()
+    recording.set_model_attn1_patch(lambda q, k, v, pe, attn_mask, extra_options: calls.append(QUERY) or {})
+    recording.set_model_attn1_output_patch(lambda attn, extra_options: calls.append(OUTPUT) or attn)
+    x, t, context, y, guidance, _ = inputs(1)
+    flux.run_host(recording, x, t, context, y, guidance, [0])
+    detected = module.calls_attention_patches(flux.model.get_model_object("diffusion_model"))
+    assert calls == ([QUERY, OUTPUT] * (DOUBLES + SINGLES) if detected else [])
+
+
+def test_where_the_blocks_call_attention_patches_ours_run_after_another_packs(flux, tmp_path):
+    """Where the host's Flux blocks call ``attn1_patch`` and ``attn1_output_patch``, the adapters are those two patches
+    (no attention override, no block patch): another pack's, registered before ours, still run in every block, and
+    ours too (equal to DiffSynth); a second Apply extends our patches in their places."""
+    module = pack_module("nodes.flux_instantx_patch")
+    if not module.calls_attention_patches(flux.model.get_model_object("diffusion_model")):
+        pytest.skip("this host's Flux blocks call no attention patches: the block patches run (the tests above)")
+    calls = []
+
+    def other_query(q, k, v, pe, attn_mask, extra_options):
+        calls.append((QUERY, extra_options["block_type"], extra_options["block_index"], tuple(q.shape)))
+        return {}
+
+    def other_output(attn, extra_options):
+        calls.append((OUTPUT, extra_options["block_type"], extra_options["block_index"], tuple(attn.shape)))
+        return attn
+
+    other = flux.model.clone()
+    other.set_model_attn1_patch(other_query)
+    other.set_model_attn1_output_patch(other_output)
+    x, t, context, y, guidance, g = inputs(2, 7)
+    first, second = flux.adapter(71, tmp_path), flux.adapter(72, tmp_path)
+    e1, e2 = pooled(g), pooled(g)
+    patched = flux.patch(flux.patch(other, first, *e1, 0.7), second, *e2, 0.4)
+    options = patched.model_options["transformer_options"]
+    assert "optimized_attention_override" not in options and "dit" not in options.get("patches_replace", {})
+    patch = applied_patch(patched)
+    assert len(patch.adapters) == 2
+    assert options["patches"][QUERY] == [other_query, patch.query]
+    assert options["patches"][OUTPUT] == [other_output, patch.output]
+    ours = flux.run_host(patched, x, t, context, y, guidance, [1, 0])
+    rows = TEXT_TOKENS + LATENT_HW[0] * LATENT_HW[1] // 4
+    assert calls == [(kind, block, index, shape) for block, count in (("double", DOUBLES), ("single", SINGLES))
+                     for index in range(count)
+                     for kind, shape in ((QUERY, (2, 24, rows, 128)), (OUTPUT, (2, rows, 3072)))]
+    references = []
+    for adapter, (cond, uncond), weight in ((first, e1, 0.7), (second, e2, 0.4)):
+        cond_tokens, uncond_tokens = flux.encode.image_tokens(adapter, cond, uncond)
+        references.append(reference_kv(adapter, [uncond_tokens, cond_tokens], [weight] * (DOUBLES + SINGLES)))
+    theirs = run_diffsynth(flux.twin, x, t, context, y, guidance, together(*references))
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-4)
