@@ -6,6 +6,8 @@ from comfy_api.latest import ComfyExtension, io
 from ..ipadapter_core.migrate import TABLE_PATH, migrate
 from . import (apply_nodes, compat_nodes, edit_nodes, embeds_nodes, faceid_nodes, loader_nodes, region_nodes,
                schedule_nodes)
+from .combo_check import with_named_combo_errors
+from .host_features import apply_host_features
 
 _routes_added = False
 
@@ -44,5 +46,5 @@ class ImagePromptEditExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
         register_migration_routes()
         loader_nodes.register_model_folder()
-        ours = our_nodes()
-        return [*ours, *compat_nodes.compatible_nodes(ours)]
+        ours = await apply_host_features(our_nodes())
+        return with_named_combo_errors([*ours, *compat_nodes.compatible_nodes(ours)])

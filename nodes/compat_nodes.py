@@ -87,7 +87,7 @@ def compatible_node(table: MigrationTable, source: str, target: type[io.ComfyNod
 
     def execute(cls, **given) -> io.NodeOutput:
         values = {name: value for name, value in given.items() if name in widget_names}
-        for name, value in values.items():  # the host checks the options of V1 combos only
+        for name, value in values.items():  # a value from a link (combo_check checks the others when queued)
             if name in choices:
                 check_choice(name, value, choices[name])
         linked = {name for name, value in given.items() if name not in widget_names and value is not None}

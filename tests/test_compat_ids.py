@@ -235,24 +235,26 @@ def test_bad_values_get_the_same_named_errors_as_our_nodes(compat_server, need_m
     with pytest.raises(comfy_host.PromptRejected) as rejected:
         compat_server.run_prompt(compat)
     assert "weight" in str(rejected.value) and "5" in str(rejected.value)
-    # a combo value out of its list, and an SDXL adapter with the CLIP vision of SD1.5: the same prompt migrated
-    # to our nodes fails with the same named message (the host checks only V1 nodes' combos: the nodes refuse the value)
+    # a combo value out of its list (refused when queued), and an SDXL adapter with the CLIP vision of SD1.5 (fails
+    # when run): the same prompt migrated to our nodes gets the same named message
     def bad_combo(prompt):
         prompt["apply"]["inputs"]["weight_type"] = "sideways"
 
     def wrong_adapter(prompt):
         prompt["adp"]["inputs"]["ipadapter_file"] = "ip-adapter_sdxl.bin"
 
-    for spoil, expected in ((bad_combo, ("weight_type", "'sideways'", "ease in-out")),
-                            (wrong_adapter, ("ip-adapter_sdxl.bin", "needs the CLIP vision ViT-bigG-14", "is ViT-H-14"))):
+    for spoil, refusal, expected in (
+            (bad_combo, comfy_host.PromptRejected, ("weight_type: 'sideways' is not one of", "ease in-out")),
+            (wrong_adapter, comfy_host.PromptFailed,
+             ("ip-adapter_sdxl.bin", "needs the CLIP vision ViT-bigG-14", "is ViT-H-14"))):
         compat = map_to_stand_ins(krita_embeds())[0]
         ours = migrate(compat)[0]
         messages = []
         for prompt in (compat, ours):
             spoil(prompt)
-            with pytest.raises(comfy_host.PromptFailed) as failed:
+            with pytest.raises(refusal) as refused:
                 compat_server.run_prompt(prompt)
-            messages.append(failed.value.message)
+            messages.append(refused.value.body if refusal is comfy_host.PromptRejected else refused.value.message)
         for message in messages:
             assert all(text in message for text in expected), message
         if spoil is wrong_adapter:

@@ -218,10 +218,10 @@ CASES = [
     ("weight above its maximum", set_input("5", weight=50.0), ("rejected", "bigger than max of 5.0")),
     ("start_at after end_at", set_input("5", start_at=0.8, end_at=0.5),
      ("failed", "start_at (0.8) must be below end_at (0.5)")),
-    ("unknown weight type", set_input("5", weight_type="sideways"), ("failed", "weight_type: 'sideways' is not one of")),
+    ("unknown weight type", set_input("5", weight_type="sideways"), ("rejected", "weight_type: 'sideways' is not one of")),
     ("unknown embeds scaling", set_input("5", embeds_scaling="K only"),
-     ("failed", "embeds_scaling: 'K only' is not one of")),
-    ("unknown combine mode", set_input("5", combine_embeds="median"), ("failed", "combine_embeds: 'median' is not one")),
+     ("rejected", "embeds_scaling: 'K only' is not one of")),
+    ("unknown combine mode", set_input("5", combine_embeds="median"), ("rejected", "combine_embeds: 'median' is not one")),
     ("malformed layer weights", set_input("5", layer_weights="a:b"), ("failed", "layer_weights: 'a:b' is not")),
     ("layer weight index out of range", set_input("5", layer_weights="0:1, 40:1"),
      ("failed", "layer_weights: '40:1' is not 'index:weight' with an attention block index 0..3")),
@@ -238,7 +238,7 @@ CASES = [
      ("failed", "needs ip-adapter-full-face_sd15.safetensors in")),
     ("unified loader, unknown preset", chain(
         add_node("13", "ImagePromptUnifiedLoader", model=["1", 0], preset="SUPER"), set_input("5", ipadapter=["13", 1])),
-     ("failed", "preset: 'SUPER' is not one of")),
+     ("rejected", "preset: 'SUPER' is not one of")),
     ("combining embeds of two encoders", chain(
         add_node("12", "ImagePromptLoadEmbeds", embeds="pooled.safetensors"),
         add_node("14", "ImagePromptLoadEmbeds", embeds="nan.safetensors"),
@@ -261,7 +261,7 @@ CASES = [
         add_node("12", "ImagePromptEncode", ipadapter=["2", 0], image=["4", 0], weight=1.0, crop_position="middle",
                  interpolation="bicubic", sharpening=0.0, clip_vision=["3", 0]),
         set_input("5", weight=1.0), add_node("13", "ImagePromptSaveEmbeds", embeds=["12", 0], filename_prefix="x")),
-     ("failed", "crop_position: 'middle' is not one of")),
+     ("rejected", "crop_position: 'middle' is not one of")),
     ("edit sampler on a model that is not an edit model", chain(
         add_node("13", "InstructEditSampler", model=["1", 0], seed=1, steps=1, text_scale=5.0, image_scale=1.5,
                  sampler_name="euler", scheduler="normal", positive=["6", 0], negative=["7", 0], vae=["1", 2],
