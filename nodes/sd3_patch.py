@@ -28,7 +28,7 @@ from ..ipadapter_core.adapter_spec import check_image_weights
 from ..ipadapter_core.batch_layout import BatchLayout
 from ..ipadapter_core.image_factor import ImageFactor, LayerGrid
 from .flux_patch import LATENT_WRAPPER_KEY, LatentSize
-from .ipadapter_patch import DIT_BLOCK, tag_uncond_conds, uncond_chunks
+from .ipadapter_patch import DIT_BLOCK, tag_uncond_conds, uncond_chunks, window_frames
 
 NORM_EPS = 1e-6
 
@@ -203,7 +203,8 @@ class JointBlockPatch:
         attn = optimized_attention(*qkv, heads=block.x_block.attn.num_heads, transformer_options=options)
         context_attn, x_attn = attn[:, :context_qkv[0].shape[1]], attn[:, context_qkv[0].shape[1]:]
         flags = uncond_chunks(options)
-        layout = BatchLayout(flags, x.shape[0] // len(flags))
+        rows = x.shape[0] // len(flags)
+        layout = BatchLayout(flags, rows, window_frames(options, rows))
         term = self.prompt.image_term(self.index, x_qkv, layout, options["sigmas"])
         if term is not None:
             x_attn = x_attn + term

@@ -233,3 +233,26 @@ def test_an_unfolded_batch_with_a_weight_per_image_matches_diffusers(sd3):
     torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-4)
     first_only = sd3.patch.patch_sd3(sd3.model, sd3.spec(groups, cond[:1], uncond[:1], (1.0, 1.0)))
     assert (sd3.run_host(first_only, x, 0.5, context, y, [1, 0]) - ours)[[1, 3]].abs().max() > 1e-2
+
+
+def test_an_unfolded_batch_on_a_window_of_the_frames_equals_one_pass(sd3):
+    """Four references unfolded over four frames with a weight each, under CFG: the transformer run on a window of
+    the frames (the host's context window in the options; its anchor frame first where the host slices one, as
+    0.28's causal_window_fix does) gives each of its rows what one pass over the whole batch gives that frame."""
+    from test_ipadapter_sampling import context_window
+    x, context, y, g = inputs(8, 6)  # rows: uncond frames 0-3, cond frames 0-3
+    cond, uncond = torch.cat([hidden(g) for _ in range(4)]), torch.zeros(4, SIGLIP_TOKENS, 1152)
+    groups = sd3.adapter(52)
+    patched = sd3.patch.patch_sd3(sd3.model, sd3.spec(groups, cond, uncond, (1.0, 1.0),
+                                                      image_weights=(0.9, 0.3, 1.2, 0.6)))
+    whole = sd3.run_host(patched, x, 0.5, context, y, [1, 0])
+    window = context_window([2, 3], total=4)
+    window.causal_anchor_index = 1  # the frame a host with causal_window_fix puts first; older hosts ignore it
+    frames = window.get_tensor(torch.arange(4)).tolist()
+    rows = torch.tensor([chunk * 4 + f for chunk in range(2) for f in frames])
+    options = dict(patched.model_options["transformer_options"], cond_or_uncond=[1, 0],
+                   sigmas=torch.full((1,), 0.5), context_window=window)
+    with torch.no_grad():
+        in_window = patched.model.diffusion_model(x[rows], torch.full((len(rows),), 500.0), context=context[rows],
+                                                  y=y[rows], transformer_options=options)
+    torch.testing.assert_close(in_window, whole[rows], rtol=0, atol=1e-5)
