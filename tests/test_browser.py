@@ -139,8 +139,20 @@ def changed_widgets(frontend: dict, wanted: dict) -> dict:
             for i, n in wanted.items()}
 
 
+# The frontend's own Fit View command (newer frontends draw, and so load the images of, only the nodes in view).
+FIT_VIEW = """async () => {
+    try {
+        await app.extensionManager.command.execute("Comfy.Canvas.FitView");
+        return true;
+    } catch (error) {
+        return false;
+    }
+}"""
+
+
 def fit_view(page) -> None:
-    page.keyboard.press(".")  # the frontend's "fit view" key
+    if not page.evaluate(FIT_VIEW):
+        page.keyboard.press(".")  # the "fit view" key of frontends without the command
     page.wait_for_timeout(300)
 
 

@@ -213,9 +213,9 @@ def host_context_windows(host) -> tuple[bool, ...]:
 
 @pytest.mark.parametrize("causal_fix", (True, False))
 def test_an_unfolded_batch_under_the_hosts_context_windows_node_equals_one_pass(host, patched, causal_fix):
-    """8 latents with one reference image each (a weight per image), sampled with the host's own Context Windows
-    node (windows of 4 overlapping by 2) with its causal fix on and off, equal one pass over the whole batch: the
-    patch gives each row of a window the image of the frame the host put there, the anchor frame included."""
+    """8 latents with one reference image, weight and mask each, sampled with the host's own Context Windows node
+    (windows of 4 overlapping by 2) with its causal fix on and off, equal one pass over the whole batch: the patch
+    gives each row of a window the image, weight and mask of the frame the host put there, the anchor included."""
     if causal_fix not in host_context_windows(host):
         pytest.skip("this host's Context Windows node has no causal_window_fix" if host_context_windows(host) else
                     "this host's Context Windows node cannot sample an image model")
@@ -224,10 +224,11 @@ def test_an_unfolded_batch_under_the_hosts_context_windows_node_equals_one_pass(
     (clip_vision,) = host.CLIPVisionLoader().load_clip("CLIP-ViT-H-14-laion2B-s32B-b79K.pt")
     (adapter,) = run_node(host, "ImagePromptAdapterLoader", ipadapter_file=ADAPTER)
     images = torch.rand(8, 64, 64, 3, generator=torch.Generator().manual_seed(6))
+    masks = torch.rand(8, 16, 16, generator=torch.Generator().manual_seed(7)).round()
     (unfolded,) = run_node(host, "ImagePromptApplyAdvanced", model=model, ipadapter=adapter, clip_vision=clip_vision,
                            image=images, weight=[1.0, 0.4, 1.6, 0.8, 1.2, 0.6, 1.4, 1.0], weight_type="linear",
                            start_at=0.0, end_at=1.0, combine_embeds="concat", embeds_scaling="V only",
-                           composition_weight=1.0, unfold_batch=True)
+                           composition_weight=1.0, unfold_batch=True, attn_mask=masks)
     (windowed,) = run_node(host, "ContextWindowsManual", model=unfolded, context_length=4, context_overlap=2,
                            context_schedule="standard_static", context_stride=1, closed_loop=False,
                            fuse_method="pyramid", dim=0, freenoise=False, causal_window_fix=causal_fix)
