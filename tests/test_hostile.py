@@ -135,6 +135,13 @@ def add_node(node: str, class_type: str, then=None, **inputs):
     return change
 
 
+def only_embeds_saved(prompt):
+    """Drop the graph's Save Image, so that a branch ending in Save Embeds is the prompt's only output (a branch that
+    fails validation beside a valid one is left out and the rest runs: the host's rule for every invalid input)."""
+    for node_id in [i for i, node in prompt.items() if node["class_type"] == "SaveImage"]:
+        del prompt[node_id]
+
+
 def chain(*changes):
     def change(prompt):
         for c in changes:
@@ -260,8 +267,8 @@ CASES = [
     ("encode with an unknown crop position", chain(
         add_node("12", "ImagePromptEncode", ipadapter=["2", 0], image=["4", 0], weight=1.0, crop_position="middle",
                  interpolation="bicubic", sharpening=0.0, clip_vision=["3", 0]),
-        set_input("5", weight=1.0), add_node("13", "ImagePromptSaveEmbeds", embeds=["12", 0], filename_prefix="x")),
-     ("rejected", "crop_position: 'middle' is not one of")),
+        set_input("5", weight=1.0), add_node("13", "ImagePromptSaveEmbeds", embeds=["12", 0], filename_prefix="x"),
+        only_embeds_saved), ("rejected", "crop_position: 'middle' is not one of")),
     ("edit sampler on a model that is not an edit model", chain(
         add_node("13", "InstructEditSampler", model=["1", 0], seed=1, steps=1, text_scale=5.0, image_scale=1.5,
                  sampler_name="euler", scheduler="normal", positive=["6", 0], negative=["7", 0], vae=["1", 2],
