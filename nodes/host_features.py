@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import sys
 
 from comfy_api.latest import io
 
@@ -117,12 +118,12 @@ def _replace_before_the_host(json_data, offered: dict, server):
     prompt = json_data.get("prompt") if isinstance(json_data, dict) else None
     if not isinstance(prompt, dict):
         return json_data
-    import nodes
+    registered = sys.modules["nodes"].NODE_CLASS_MAPPINGS  # the host's nodes.py (not this package), loaded by now
     manager = getattr(server, "node_replace_manager", None)
 
     def ours_to_do(node) -> bool:
         kind = node.get("class_type") if isinstance(node, dict) else None
-        if kind not in offered or kind in nodes.NODE_CLASS_MAPPINGS or not isinstance(node.get("inputs"), dict):
+        if kind not in offered or kind in registered or not isinstance(node.get("inputs"), dict):
             return False
         chosen = manager.get_replacement(kind) if manager is not None else None
         if chosen and chosen[0].new_node_id != offered[kind]["new_node_id"]:
