@@ -27,7 +27,7 @@ from ..ipadapter_core.adapter_spec import AdapterSpec
 from ..ipadapter_core.attention import ImageAttention
 from ..ipadapter_core.rotary import unrotate
 from .flux_patch import LATENT_WRAPPER_KEY, LatentSize
-from .ipadapter_patch import DIT_BLOCK, SINGLE_BLOCK, tag_uncond_conds, uncond_chunks, window_frames
+from .host_hooks import DIT_BLOCK, SINGLE_BLOCK, tag_uncond_conds, uncond_chunks, window_frames
 
 OVERRIDE_KEY = "optimized_attention_override"  # the host's attention override in transformer_options
 QUERY_PATCH, OUTPUT_PATCH = "attn1_patch", "attn1_output_patch"  # the host's attention patches (in "patches")

@@ -19,7 +19,7 @@ import torch
 
 from ..ipadapter_core.adapter_spec import AdapterSpec
 from ..ipadapter_core.attention import ImageAttention
-from .ipadapter_patch import DIT_BLOCK, tag_uncond_conds, uncond_chunks, window_frames
+from .host_hooks import DIT_BLOCK, tag_uncond_conds, uncond_chunks, window_frames
 
 LATENT_WRAPPER_KEY = "image_prompt_latent_size"
 

@@ -28,7 +28,7 @@ from ..ipadapter_core.adapter_spec import check_image_weights
 from ..ipadapter_core.batch_layout import BatchLayout
 from ..ipadapter_core.image_factor import ImageFactor, LayerGrid
 from .flux_patch import LATENT_WRAPPER_KEY, LatentSize
-from .ipadapter_patch import DIT_BLOCK, tag_uncond_conds, uncond_chunks, window_frames
+from .host_hooks import DIT_BLOCK, tag_uncond_conds, uncond_chunks, window_frames
 
 NORM_EPS = 1e-6
 
