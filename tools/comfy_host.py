@@ -161,6 +161,20 @@ class HostServer:
         except FileNotFoundError:
             return "(no log)"
 
+    def pack_tracebacks(self) -> list[str]:
+        """The tracebacks in the server log that pass through this pack (the host's own, such as an optional
+        dependency it lacks, are not ours to judge)."""
+        tracebacks, current = [], None
+        for line in self.log_path.read_text(errors="replace").splitlines():
+            if line.startswith("Traceback (most recent call last):"):
+                current = [line]
+            elif current is not None:
+                current.append(line)
+                if line and not line[0].isspace():  # the exception line ends the block
+                    tracebacks.append("\n".join(current))
+                    current = None
+        return [block for block in tracebacks if PACK_DIR_NAME in block]
+
     def get_json(self, path: str, timeout: float = 30):
         with urllib.request.urlopen(self.url + path, timeout=timeout) as resp:
             return json.loads(resp.read())
