@@ -64,7 +64,7 @@ def aten_ops(step) -> Counter:
 def patched_layers(model) -> int:
     """How many of the UNet's cross-attention layers have an attn2 replacement the host will find (it looks
     the layer up by (block, id, depth index), then by (block, id))."""
-    layers, _ = comfy_host.pack_module("nodes.ipadapter_patch").cross_attention_layers(model)
+    layers, _ = comfy_host.pack_module("nodes.patch.layers").cross_attention_layers(model)
     replaces = model.model_options["transformer_options"].get("patches_replace", {}).get("attn2", {})
     return sum(layer.key in replaces or layer.key[:2] in replaces for layer in layers)
 

@@ -43,7 +43,7 @@ VARIANTS = SETS["types"] + SETS["stacks"]
 
 def layer_inputs(model, size: int):
     """[(host layer key, transformer options, q, k, v)] for the 16 cross-attention layers at ``size``."""
-    layers, _ = harness.comfy_host.pack_module("nodes.ipadapter_patch").cross_attention_layers(model)
+    layers, _ = harness.comfy_host.pack_module("nodes.patch.layers").cross_attention_layers(model)
     heads = model.model.model_config.unet_config["num_heads"]
     n_of = token_counts(size)
     side = size // 8

@@ -9,6 +9,7 @@ vector holds, along the queries (4 keys); many keys take SDPA per adapter. bench
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -170,15 +171,16 @@ def attention_plan(device_type: str, tokens: int, upcast: bool) -> AttentionPlan
 class ScratchBuffers:
     """Two flat buffers for the products' scores and probabilities, per device and dtype, kept across calls and
     grown to the largest layer: allocating a fresh 2-10 MB tensor per call was measured at 1.3-1.7x the product
-    forms' time on the CPU (page faults, as the allocator hands memory back and forth). Calls run one at a
-    time, as the host samples."""
+    forms' time on the CPU (page faults, as the allocator hands memory back and forth). Per thread: calls that
+    run at once (the host's multi-GPU samplers use threads) must not write into each other's buffers."""
 
     def __init__(self):
-        self._buffers: dict[tuple[torch.device, torch.dtype], KV] = {}
+        self._local = threading.local()
 
     def take(self, size: int, like: torch.Tensor) -> KV:
         """Two views of ``size`` values on ``like``'s device and dtype."""
+        buffers = self._local.__dict__.setdefault("buffers", {})
         key = (like.device, like.dtype)
-        if key not in self._buffers or self._buffers[key][0].numel() < size:
-            self._buffers[key] = (like.new_empty(size), like.new_empty(size))
-        return tuple(x[:size] for x in self._buffers[key])
+        if key not in buffers or buffers[key][0].numel() < size:
+            buffers[key] = (like.new_empty(size), like.new_empty(size))
+        return tuple(x[:size] for x in buffers[key])

@@ -3,10 +3,12 @@
 The factor of a token group (A adapters) on a layer with N query positions is [B or 1, A, N or 1, 1]: a mask
 resized to the layer's grid (ones without a mask), one row per batch row only when an adapter has a mask per
 frame, times 0 or 1 for each adapter's sigma range. Masks and grids are made once per layer and latent size;
-the gate is compared on the device (no host sync), once per step (a step is one ``sigmas`` tensor).
+the gate is compared on the device (no host sync), once per step (a step is one ``sigmas`` tensor) and thread (the
+host's multi-GPU samplers run calls of one model in several threads at once).
 """
 from __future__ import annotations
 
+import threading
 from typing import NamedTuple
 
 import torch
@@ -55,9 +57,7 @@ class ImageFactor:
         self._factors: dict[tuple[LayerGrid, BatchLayout | None], torch.Tensor] = {}
         self._ranges: dict[tuple[tuple[int, ...], torch.device], torch.Tensor] = {}
         self._mask_frames = DeviceIndices()
-        self._step_sigmas: torch.Tensor | None = None
-        self._step_gates: dict[tuple[int, ...], torch.Tensor] = {}
-        self._step_factors: dict[tuple[LayerGrid, BatchLayout | None], torch.Tensor] = {}
+        self._step = threading.local()  # sigmas, gates (by group) and factors (by grid and layout) of this step
 
     def applies(self, group: tuple[int, ...]) -> bool:
         """Whether some adapter of ``group`` has a mask or a sigma range (else its factor is None)."""
@@ -83,21 +83,23 @@ class ImageFactor:
                 self._factors[key] = factor
         if all(self.adapters[i].sigma_range is None for i in grid.group):
             return factor
-        if sigmas is not self._step_sigmas:
-            self._step_sigmas, self._step_gates, self._step_factors = sigmas, {}, {}
-        if key not in self._step_factors:
-            self._step_factors[key] = factor * self._gate(grid.group, sigmas, grid.device, grid.dtype)
-        return self._step_factors[key]
+        step = self._step
+        if sigmas is not getattr(step, "sigmas", None):
+            step.sigmas, step.gates, step.factors = sigmas, {}, {}
+        if key not in step.factors:
+            step.factors[key] = factor * self._gate(step.gates, grid.group, sigmas, grid.device, grid.dtype)
+        return step.factors[key]
 
-    def _gate(self, group, sigmas, device, dtype) -> torch.Tensor:
-        """[A, 1, 1]: 1 where this step's sigma is within the adapter's range, else 0 (on the device)."""
-        if group not in self._step_gates:
+    def _gate(self, gates: dict, group, sigmas, device, dtype) -> torch.Tensor:
+        """[A, 1, 1]: 1 where this step's sigma is within the adapter's range, else 0 (on the device), kept in
+        ``gates`` (this step's)."""
+        if group not in gates:
             if (group, device) not in self._ranges:  # [A, 2] (high, low), copied to the device once
                 self._ranges[(group, device)] = torch.tensor(
                     [self.adapters[i].sigma_range or NO_RANGE for i in group], device=device)
             high, low = self._ranges[(group, device)].unbind(1)
-            self._step_gates[group] = ((sigmas[:1] <= high) & (sigmas[:1] >= low)).to(dtype)[:, None, None]
-        return self._step_gates[group]
+            gates[group] = ((sigmas[:1] <= high) & (sigmas[:1] >= low)).to(dtype)[:, None, None]
+        return gates[group]
 
     def mask_grids(self, grid: LayerGrid) -> torch.Tensor:
         """Each adapter's masks on this layer's token grid, [A, F, tokens or 1, 1]: F the most masks an adapter of

@@ -47,6 +47,13 @@ DIT_BASES = ("flux", "sd35")  # adapter files number their layers by block, 0, 1
 #   time_resampler  a resampler modulated by the timestep at every layer (time_embedding.*): runs at each step
 PROJECTIONS = ("linear", "resampler", "mlp", "faceid", "faceid_plus", "time_resampler")
 
+# How the image attention enters the model (the mechanisms of ``nodes/patch``, one module each):
+#   unet_cross_attention  the host's attn2 replace patch of every UNet cross-attention layer
+#   flux_double_blocks    a DiT block patch of each Flux double-stream block, the term added after the block (XLabs)
+#   flux_block_attention  the term added to every Flux block's attention output, double and single (InstantX)
+#   sd35_joint_blocks     a DiT block patch of each MMDiT joint block, image K/V joined to its attention (InstantX)
+PATCH_MECHANISMS = ("unet_cross_attention", "flux_double_blocks", "flux_block_attention", "sd35_joint_blocks")
+
 
 @dataclass(frozen=True)
 class Variant:
@@ -70,6 +77,7 @@ class Variant:
     # ones), its keys RMS-normed per head of ``k_norm_head_dim`` channels.
     single_blocks: bool = False
     k_norm_head_dim: int = 0
+    patch: str = "unet_cross_attention"  # one of PATCH_MECHANISMS
 
     @property
     def context_dim(self) -> int | None:
@@ -109,15 +117,17 @@ VARIANTS: tuple[Variant, ...] = (
     Variant("faceid-plus_kolors", "kolors", "faceid_plus", 512, 6, FACE_EMBEDDING, "face", shortcut=True,
             clip_encoder=_L336),
     # XLabs' Flux adapters: image K/V (with biases) on the 19 double-stream blocks; v2 has 16 tokens.
-    Variant("xlabs_flux", "flux", "linear", 768, 4, _L, "image_embeds", uncond_image="black image"),
-    Variant("xlabs-v2_flux", "flux", "linear", 768, 16, _L, "image_embeds", uncond_image="black image"),
+    Variant("xlabs_flux", "flux", "linear", 768, 4, _L, "image_embeds", uncond_image="black image",
+            patch="flux_double_blocks"),
+    Variant("xlabs-v2_flux", "flux", "linear", 768, 16, _L, "image_embeds", uncond_image="black image",
+            patch="flux_double_blocks"),
     # InstantX's FLUX.1-dev adapter: SigLIP's pooled output through an MLP to 128 tokens, image attention in all 57
     # blocks (added to each block's attention output, before its projection).
     Variant("instantx_flux", "flux", "faceid", 1152, 128, "SigLIP-so400m-384", "pooled", uncond_image="zeros",
-            single_blocks=True, k_norm_head_dim=128),
+            single_blocks=True, k_norm_head_dim=128, patch="flux_block_attention"),
     # InstantX's SD3.5-Large adapter: image attention in the 38 joint blocks, tokens from a time-conditioned resampler.
     Variant("instantx_sd35", "sd35", "time_resampler", 1152, 64, "SigLIP-so400m-384", "penultimate",
-            uncond_image="zeros"),
+            uncond_image="zeros", patch="sd35_joint_blocks"),
 )
 
 BY_NAME = {v.name: v for v in VARIANTS}

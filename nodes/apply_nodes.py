@@ -14,7 +14,7 @@ from .ipadapter_encode import LoadedAdapter, clip_vision_for, neutral_embeds
 from .ipadapter_inputs import (CATEGORY, CLIP_VISION_INPUT, COMBINE_INPUT, END_INPUT, MASK_INPUT, NEGATIVE_INPUT,
                                SCALING_INPUT, START_INPUT, UNFOLD_INPUT, UNFOLD_LATER_INPUT, WEIGHT_TYPE_INPUT, Embeds,
                                advanced_inputs, model_inputs, weight_input)
-from .ipadapter_patch import check_fit, cross_attention_layers
+from .patch import model_fit
 
 
 class ImagePromptApply(io.ComfyNode):
@@ -106,11 +106,11 @@ class ImagePromptApplyEmbeds(io.ComfyNode):
     def execute(cls, model, ipadapter: LoadedAdapter, pos_embeds, neg_embeds=None, clip_vision=None,
                 **inputs) -> io.NodeOutput:
         options = ApplyOptions.from_inputs(**inputs)
-        check_fit(ipadapter.file, cross_attention_layers(model)[0])
+        fit = model_fit(model, ipadapter.file)
         check_embeds(ipadapter.file.variant, ipadapter.file.name, tuple(pos_embeds.shape))
         if neg_embeds is None and (clip_vision or ipadapter.clip_vision) is not None:
             neg_embeds = neutral_embeds(ipadapter, clip_vision_for(ipadapter, clip_vision), pos_embeds)
-        return io.NodeOutput(apply_embeds(model, ipadapter, pos_embeds, neg_embeds, options))
+        return io.NodeOutput(apply_embeds(model, ipadapter, pos_embeds, neg_embeds, options, fit))
 
 
 class ImagePromptStyleComposition(io.ComfyNode):
@@ -139,11 +139,12 @@ class ImagePromptStyleComposition(io.ComfyNode):
     def execute(cls, model, ipadapter: LoadedAdapter, image_style, image_composition, weight_style,
                 weight_composition, expand_style, clip_vision=None, **inputs) -> io.NodeOutput:
         style = "strong style transfer" if expand_style else "style transfer"
+        fit = model_fit(model, ipadapter.file)
         model = apply_adapter(model, ipadapter, clip_vision, image_style,
-                              ApplyOptions.from_inputs(weight_style, weight_type=style, **inputs))
+                              ApplyOptions.from_inputs(weight_style, weight_type=style, **inputs), fit)
         return io.NodeOutput(apply_adapter(model, ipadapter, clip_vision, image_composition,
                                            ApplyOptions.from_inputs(weight_composition, weight_type="composition",
-                                                                    **inputs)))
+                                                                    **inputs), fit))
 
 
 class ImagePromptTiled(io.ComfyNode):
@@ -167,7 +168,7 @@ class ImagePromptTiled(io.ComfyNode):
     @classmethod
     def execute(cls, model, ipadapter: LoadedAdapter, image, sharpening, clip_vision=None, **inputs) -> io.NodeOutput:
         options = ApplyOptions.from_inputs(**inputs)
-        check_fit(ipadapter.file, cross_attention_layers(model)[0])
+        fit = model_fit(model, ipadapter.file)
         size = ENCODERS[ipadapter.file.variant.encoder]["image_size"]
         crops, masks = prep.tiles(prep.as_rgb(image))
         tiles = torch.stack([prep.prepare(crop, size, "center", "bicubic", sharpening) for crop in crops])
@@ -177,7 +178,7 @@ class ImagePromptTiled(io.ComfyNode):
                 outer = torch.nn.functional.interpolate(options.attn_mask[:, None], size=mask.shape[-2:],
                                                         mode="bilinear")
                 mask = mask * outer[:, 0]
-            model = apply_adapter(model, ipadapter, clip_vision, tile, replace(options, attn_mask=mask))
+            model = apply_adapter(model, ipadapter, clip_vision, tile, replace(options, attn_mask=mask), fit)
         return io.NodeOutput(model, tiles.flatten(0, 1), masks)
 
 

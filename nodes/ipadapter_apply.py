@@ -9,21 +9,16 @@ from ..ipadapter_core.apply_options import ApplyOptions
 from ..ipadapter_core.embeds import combine_embeds
 from ..ipadapter_core.weights import LayerWeights, explicit_layer_weights, layer_weights
 from .ipadapter_encode import LoadedAdapter, image_tokens, paired_embeds, reference_embeds
-from .ipadapter_patch import adapter_layers, check_fit, cross_attention_layers, patch_model
-from .sd3_patch import TimeConditionedSpec, patch_sd3
+from .patch import ModelFit, TimeConditionedSpec, model_fit, patch_model
 
 
-def weights_and_range(model, adapter: LoadedAdapter, options: ApplyOptions) -> tuple[LayerWeights, tuple | None]:
+def weights_and_range(model, fit: ModelFit, options: ApplyOptions) -> tuple[LayerWeights, tuple | None]:
     """The per-layer weights (weight type or written per-block weights) and the sigma range (high, low) or None."""
-    layers = cross_attention_layers(model)[0]
-    check_fit(adapter.file, layers)
-    layers = adapter_layers(adapter.file, layers)
-    blocks = len({layer.transformer_index for layer in layers})
-    indices = [(layer.key[0], layer.transformer_index) for layer in layers]
+    indices = [(layer.key[0], layer.transformer_index) for layer in fit.layers]
     if options.layer_weights.strip():
-        weights = explicit_layer_weights(options.layer_weights, options.weight, indices, blocks)
+        weights = explicit_layer_weights(options.layer_weights, options.weight, indices, fit.blocks)
     else:
-        weights = layer_weights(options.weight_type, options.weight, indices, blocks, options.composition_weight)
+        weights = layer_weights(options.weight_type, options.weight, indices, fit.blocks, options.composition_weight)
     sigma_range = None
     if (options.start_at, options.end_at) != (0.0, 1.0):
         sampling = model.get_model_object("model_sampling")
@@ -41,30 +36,32 @@ def per_latent(cond: torch.Tensor, uncond: torch.Tensor, options: ApplyOptions) 
     return cond, uncond
 
 
-def adapter_spec(model, adapter: LoadedAdapter, cond: torch.Tensor, uncond: torch.Tensor,
-                 options: ApplyOptions) -> AdapterSpec:
+def adapter_spec(model, adapter: LoadedAdapter, cond: torch.Tensor, uncond: torch.Tensor, options: ApplyOptions,
+                 fit: ModelFit | None = None) -> AdapterSpec:
     """Everything the patch needs, decided once: per-layer weights, K/V weights, sigma range, mask."""
     cond, uncond = per_latent(cond, uncond, options)
-    weights, sigma_range = weights_and_range(model, adapter, options)
+    weights, sigma_range = weights_and_range(model, fit or model_fit(model, adapter.file), options)
     file = adapter.file
     return AdapterSpec(cond, uncond, file.kv_weights("k"), file.kv_weights("v"), weights.weights,
                        weights.swapped, options.embeds_scaling, sigma_range, options.attn_mask, options.image_weights,
                        file.kv_weights("k", "bias"), file.kv_weights("v", "bias"), file.variant.k_norm_head_dim)
 
 
-def apply_tokens(model, adapter: LoadedAdapter, cond: torch.Tensor, uncond: torch.Tensor, options: ApplyOptions):
-    """A patched clone of ``model`` with these image tokens."""
-    return patch_model(model, adapter.file, adapter_spec(model, adapter, cond, uncond, options))
+def apply_tokens(model, adapter: LoadedAdapter, cond: torch.Tensor, uncond: torch.Tensor, options: ApplyOptions,
+                 fit: ModelFit | None = None):
+    """A patched clone of ``model`` with these image tokens (``fit``: the adapter's, where already checked)."""
+    fit = fit or model_fit(model, adapter.file)
+    return patch_model(model, adapter.file, adapter_spec(model, adapter, cond, uncond, options, fit), fit)
 
 
 def time_conditioned_spec(model, adapter: LoadedAdapter, cond: torch.Tensor, uncond: torch.Tensor,
-                          options: ApplyOptions) -> TimeConditionedSpec:
+                          options: ApplyOptions, fit: ModelFit) -> TimeConditionedSpec:
     """The SD3.5 adapter's spec from hidden-state embeds [n, N, E] (combined as ``options`` say, or one per latent
     with ``unfold_batch``): what the patch runs the resampler on at each step, with the file's per-block weights."""
     if options.embeds_scaling != "V only":  # its image K/V share one softmax with the block's own
         raise ValueError(f"embeds_scaling: {adapter.file.name} ({adapter.file.variant.name}) takes 'V only' (its "
                          f"image keys share the joint attention's softmax); got {options.embeds_scaling!r}")
-    weights, sigma_range = weights_and_range(model, adapter, options)
+    weights, sigma_range = weights_and_range(model, fit, options)
     cond, uncond = paired_embeds(adapter, cond, uncond)
     if not options.unfold_batch:
         cond, uncond = (combine_embeds(e, options.combine_embeds).reshape(1, -1, e.shape[-1]) for e in (cond, uncond))
@@ -75,18 +72,21 @@ def time_conditioned_spec(model, adapter: LoadedAdapter, cond: torch.Tensor, unc
                                sigma_range, options.attn_mask, options.image_weights)
 
 
-def apply_embeds(model, adapter: LoadedAdapter, cond: torch.Tensor, uncond: torch.Tensor, options: ApplyOptions):
+def apply_embeds(model, adapter: LoadedAdapter, cond: torch.Tensor, uncond: torch.Tensor, options: ApplyOptions,
+                 fit: ModelFit | None = None):
     """A patched clone of ``model`` from CLIP embeds: projected now, or at each step by a time-conditioned
-    resampler (SD3.5)."""
+    resampler (SD3.5). ``fit``: the adapter's on ``model``, where already checked."""
+    fit = fit or model_fit(model, adapter.file)
     if adapter.file.variant.projection == "time_resampler":
-        return patch_sd3(model, time_conditioned_spec(model, adapter, cond, uncond, options))
+        return patch_model(model, adapter.file, time_conditioned_spec(model, adapter, cond, uncond, options, fit), fit)
     cond, uncond = image_tokens(adapter, cond, uncond, options.combine_embeds, options.unfold_batch)
-    return apply_tokens(model, adapter, cond, uncond, options)
+    return apply_tokens(model, adapter, cond, uncond, options, fit)
 
 
-def apply_adapter(model, adapter: LoadedAdapter, clip_vision, image: torch.Tensor, options: ApplyOptions):
-    """What the image apply nodes do: check the fit first (cheaper than encoding, and the deeper
-    mismatch), encode the reference, and patch a clone."""
-    check_fit(adapter.file, cross_attention_layers(model)[0])
+def apply_adapter(model, adapter: LoadedAdapter, clip_vision, image: torch.Tensor, options: ApplyOptions,
+                  fit: ModelFit | None = None):
+    """What the image apply nodes do: check the fit first (cheaper than encoding, and the deeper mismatch) unless
+    the caller did (``fit``, for several applies on one model), encode the reference, and patch a clone."""
+    fit = fit or model_fit(model, adapter.file)
     cond, uncond = reference_embeds(adapter, clip_vision, image, options.image_negative, options.enhance)
-    return apply_embeds(model, adapter, cond, uncond, options)
+    return apply_embeds(model, adapter, cond, uncond, options, fit)

@@ -13,7 +13,7 @@ from ..ipadapter_core.variants import (ENCODER_FILE_PATTERNS, ENCODERS, PRESETS,
                                        preset_variant)
 from .ipadapter_encode import LoadedAdapter, load
 from .ipadapter_inputs import CATEGORY, REUSE_INPUT, Adapter
-from .ipadapter_patch import AdapterModelMismatch, check_fit, cross_attention_layers
+from .patch.layers import AdapterModelMismatch, check_fit, cross_attention_layers
 
 FOLDER = "ipadapter"
 XLABS_FOLDER = ("xlabs", "ipadapters")  # where XLabs' own nodes read its Flux adapters from

@@ -11,7 +11,7 @@ from .ipadapter_apply import apply_adapter
 from .ipadapter_encode import LoadedAdapter
 from .ipadapter_inputs import (CATEGORY, CLIP_VISION_INPUT, COMBINE_INPUT, END_INPUT, NEGATIVE_INPUT, SCALING_INPUT,
                                START_INPUT, WEIGHT_TYPE_INPUT, model_inputs)
-from .ipadapter_patch import check_fit, cross_attention_layers
+from .patch import model_fit
 
 Params = io.Custom("IMAGE_PROMPT_PARAMS")  # a list of regions: dicts of a reference "image" and its ApplyOptions
 
@@ -88,11 +88,11 @@ class ImagePromptApplyRegions(io.ComfyNode):
     @classmethod
     def execute(cls, model, ipadapter: LoadedAdapter, ipadapter_params, combine_embeds, embeds_scaling,
                 image_negative=None, clip_vision=None) -> io.NodeOutput:
-        check_fit(ipadapter.file, cross_attention_layers(model)[0])
+        fit = model_fit(model, ipadapter.file)
         for region in ipadapter_params:
             options = replace(region["options"], combine_embeds=combine_embeds, embeds_scaling=embeds_scaling,
                               image_negative=image_negative)
-            model = apply_adapter(model, ipadapter, clip_vision, region["image"], options)
+            model = apply_adapter(model, ipadapter, clip_vision, region["image"], options, fit)
         return io.NodeOutput(model)
 
 

@@ -101,7 +101,7 @@ def test_apply_samples_with_the_single_pass_and_with_real_cfg_and_beside_xlabs(h
     (patched,) = run(host, "ImagePromptApply", model=model, ipadapter=adapter, clip_vision=siglip, image=reference(),
                      weight=1.0)
     options = patched.model_options["transformer_options"]
-    module = pack_module("nodes.flux_instantx_patch")
+    module = pack_module("nodes.patch.flux_instantx")
     if module.calls_attention_patches(model.get_model_object("diffusion_model")):  # the host's attention patches
         assert "dit" not in options.get("patches_replace", {}) and "optimized_attention_override" not in options
     else:  # block patches on every block and the attention override
@@ -128,7 +128,7 @@ def test_unified_loader_finds_the_preset_file_and_siglip_and_a_wrong_encoder_is_
     assert loaded.file.name == factory.INSTANTX_FLUX_FILE and loaded.file.variant.name == "instantx_flux"
     assert clip_vision is loaded.clip_vision is not None
     (patched,) = run(host, "ImagePromptApply", model=patched_model, ipadapter=loaded, image=reference(), weight=0.7)
-    module = pack_module("nodes.flux_instantx_patch")
+    module = pack_module("nodes.patch.flux_instantx")
     assert module.applied(patched.model_options["transformer_options"], module.InstantXTerms) is not None
     (clip_l,) = host.CLIPVisionLoader().load_clip("clip_vision_l.pt")
     with pytest.raises(ValueError, match=r"needs the CLIP vision SigLIP-so400m-384 \(sigclip_vision_patch14_384"

@@ -112,7 +112,7 @@ class Flux:
 
 def applied_patch(model):
     """Our patch object on ``model`` (attention patches or block patches, as the host's blocks allow)."""
-    patch = pack_module("nodes.flux_instantx_patch")
+    patch = pack_module("nodes.patch.flux_instantx")
     return patch.applied(model.model_options["transformer_options"], patch.InstantXTerms)
 
 
@@ -304,7 +304,7 @@ def test_weight_zero_is_bit_identical_and_the_input_model_is_untouched(flux, tmp
 def test_the_detection_says_what_the_hosts_blocks_call(flux):
     """``calls_attention_patches`` (which reads the blocks' code) agrees with what the host's blocks do: a pair of
     recording attention patches runs once per block where it says yes, never where it says no."""
-    module = pack_module("nodes.flux_instantx_patch")
+    module = pack_module("nodes.patch.flux_instantx")
     calls = []
     recording = flux.model.clone()
     recording.set_model_attn1_patch(lambda q, k, v, pe, attn_mask, extra_options: calls.append(QUERY) or {})
@@ -319,7 +319,7 @@ def test_where_the_blocks_call_attention_patches_ours_run_after_another_packs(fl
     """Where the host's Flux blocks call ``attn1_patch`` and ``attn1_output_patch``, the adapters are those two patches
     (no attention override, no block patch): another pack's, registered before ours, still run in every block, and
     ours too (equal to DiffSynth); a second Apply extends our patches in their places."""
-    module = pack_module("nodes.flux_instantx_patch")
+    module = pack_module("nodes.patch.flux_instantx")
     if not module.calls_attention_patches(flux.model.get_model_object("diffusion_model")):
         pytest.skip("this host's Flux blocks call no attention patches: the block patches run (the tests above)")
     calls = []

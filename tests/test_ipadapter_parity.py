@@ -50,7 +50,7 @@ class Setup:
         self.loader = pack_module("ipadapter_core.loader")
         self.projection = pack_module("ipadapter_core.projection")
         self.attention = pack_module("ipadapter_core.attention")
-        self.patch = pack_module("nodes.ipadapter_patch")
+        self.patch = pack_module("nodes.patch")
 
     def adapter(self, stem: str, seed: int, tmp_path):
         """(our AdapterFile, its fp32 grouped state dict) for a factory layout over this UNet's widths."""
@@ -396,7 +396,7 @@ def test_sdxl_adapter_on_sd15_model_names_both(tiny, need_models):
     adapter = tiny.loader.load_adapter(models / "ipadapter/ip-adapter_sdxl.bin")
     with pytest.raises(ValueError, match=r"ip-adapter_sdxl.bin is a SDXL IP-Adapter \(70 cross-attention layers, "
                                          r"context width 2048\) but the model is an SD1.5 UNet \(4 cross-attention"):
-        tiny.patch.check_fit(adapter, tiny.patch.cross_attention_layers(tiny.model)[0])
+        tiny.patch.model_fit(tiny.model, adapter)
 
 
 @pytest.mark.heavy
@@ -482,7 +482,7 @@ def test_real_sdxl_layout_matches_diffusers(host, tmp_path, stem):
     full = Setup.__new__(Setup)
     full.model, full.twin, full.widths = model, twin.eval(), None
     full.loader, full.projection = pack_module("ipadapter_core.loader"), pack_module("ipadapter_core.projection")
-    full.attention, full.patch = pack_module("ipadapter_core.attention"), pack_module("nodes.ipadapter_patch")
+    full.attention, full.patch = pack_module("ipadapter_core.attention"), pack_module("nodes.patch")
     g = torch.Generator().manual_seed(12)
     x, t, context = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([421.0, 421.0]), torch.randn(2, 77, 2048, generator=g)
     text_embeds, time_ids = torch.randn(2, 1280, generator=g), torch.tensor([[64.0, 64, 0, 0, 64, 64]] * 2)

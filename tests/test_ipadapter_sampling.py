@@ -242,7 +242,7 @@ def test_an_unfolded_batch_under_the_hosts_context_windows_node_equals_one_pass(
 
 
 def test_window_frames_come_from_the_hosts_context_window_or_animatediff_evolved(host):
-    window_frames = pack_module("nodes.ipadapter_patch").window_frames
+    window_frames = pack_module("nodes.patch.hooks").window_frames
     assert window_frames({"context_window": context_window([5, 6, 7, 0])}, 4) == (5, 6, 7, 0)
     assert window_frames({"ad_params": {"sub_idxs": [8, 9, 10], "full_length": 32}}, 3) == (8, 9, 10)
     assert window_frames({"ad_params": {"sub_idxs": None, "full_length": 32}}, 32) is None

@@ -39,7 +39,7 @@ class SD3:
         import comfy.sd
         self.model = comfy.sd.load_diffusion_model_state_dict(sd3_transformer(DEPTH, 40))
         self.twin = diffusers_twin(self.model)
-        self.patch = pack_module("nodes.sd3_patch")
+        self.patch = pack_module("nodes.patch.sd35")
         self.variant = pack_module("ipadapter_core.variants").BY_NAME["instantx_sd35"]
         self.build = pack_module("ipadapter_core.projection").build_projection
 
@@ -163,7 +163,7 @@ def test_one_adapter_with_cfg_matches_diffusers(sd3, sigma):
     x, context, y, g = inputs(2, 1)
     groups = sd3.adapter(11)
     cond, uncond = hidden(g), torch.zeros(1, SIGLIP_TOKENS, 1152)
-    patched = sd3.patch.patch_sd3(sd3.model, sd3.spec(groups, cond, uncond, (0.8, 0.8)))
+    patched = sd3.patch.patch_sd35_joint_blocks(sd3.model, sd3.spec(groups, cond, uncond, (0.8, 0.8)))
     ours = sd3.run_host(patched, x, sigma, context, y, [1, 0])
     plain = sd3.run_host(sd3.model, x, sigma, context, y, [1, 0])
     theirs = sd3.run_diffusers(groups, (0.8, 0.8), torch.cat([uncond, cond]), x, sigma, context, y)
@@ -175,7 +175,7 @@ def test_per_block_weights_match_diffusers_per_block_scales(sd3):
     x, context, y, g = inputs(2, 2)
     groups = sd3.adapter(21)
     cond, uncond = hidden(g), torch.zeros(1, SIGLIP_TOKENS, 1152)
-    patched = sd3.patch.patch_sd3(sd3.model, sd3.spec(groups, cond, uncond, (0.3, 1.4)))
+    patched = sd3.patch.patch_sd35_joint_blocks(sd3.model, sd3.spec(groups, cond, uncond, (0.3, 1.4)))
     ours = sd3.run_host(patched, x, 0.7, context, y, [1, 0])
     theirs = sd3.run_diffusers(groups, (0.3, 1.4), torch.cat([uncond, cond]), x, 0.7, context, y)
     torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-4)
@@ -189,7 +189,7 @@ def test_outside_its_sigma_range_the_block_is_the_hosts_own(sd3):
     x, context, y, g = inputs(2, 3)
     groups = sd3.adapter(31)
     cond, uncond = hidden(g), torch.zeros(1, SIGLIP_TOKENS, 1152)
-    gated = sd3.patch.patch_sd3(sd3.model, sd3.spec(groups, cond, uncond, (1.0, 1.0), sigma_range=(0.5, 0.2)))
+    gated = sd3.patch.patch_sd35_joint_blocks(sd3.model, sd3.spec(groups, cond, uncond, (1.0, 1.0), sigma_range=(0.5, 0.2)))
     assert torch.equal(sd3.run_host(gated, x, 0.9, context, y, [1, 0]), sd3.run_host(sd3.model, x, 0.9, context, y, [1, 0]))
     inside = sd3.run_host(gated, x, 0.3, context, y, [1, 0])
     theirs = sd3.run_diffusers(groups, (1.0, 1.0), torch.cat([uncond, cond]), x, 0.3, context, y)
@@ -204,8 +204,8 @@ def test_two_adapters_one_masked_match_diffusers_summed(sd3):
     cond1, cond2, uncond = hidden(g), hidden(g), torch.zeros(1, SIGLIP_TOKENS, 1152)
     mask = torch.zeros(1, 48, 72)
     mask[:, :, :24] = 1.0
-    model = sd3.patch.patch_sd3(sd3.model, sd3.spec(first, cond1, uncond, (0.7, 0.7)))
-    model = sd3.patch.patch_sd3(model, sd3.spec(second, cond2, uncond, (0.5, 1.2), mask=mask))
+    model = sd3.patch.patch_sd35_joint_blocks(sd3.model, sd3.spec(first, cond1, uncond, (0.7, 0.7)))
+    model = sd3.patch.patch_sd35_joint_blocks(model, sd3.spec(second, cond2, uncond, (0.5, 1.2), mask=mask))
     ours = sd3.run_host_with_wrappers(model, x, 0.6, context, y, [1, 0])
     grid = torch.zeros(LATENT_HW[0] // 2, LATENT_HW[1] // 2)
     grid[:, :2] = 1.0
@@ -213,7 +213,7 @@ def test_two_adapters_one_masked_match_diffusers_summed(sd3):
                                        (second, (0.5, 1.2), torch.cat([uncond, cond2]), grid.reshape(1, -1, 1))],
                                       x, 0.6, context, y)
     torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-4)
-    unmasked = sd3.patch.patch_sd3(sd3.patch.patch_sd3(sd3.model, sd3.spec(first, cond1, uncond, (0.7, 0.7))),
+    unmasked = sd3.patch.patch_sd35_joint_blocks(sd3.patch.patch_sd35_joint_blocks(sd3.model, sd3.spec(first, cond1, uncond, (0.7, 0.7))),
                                    sd3.spec(second, cond2, uncond, (0.5, 1.2)))
     assert (sd3.run_host_with_wrappers(unmasked, x, 0.6, context, y, [1, 0]) - ours).abs().max() > 100 * (
         ours - theirs).abs().max()
@@ -226,12 +226,12 @@ def test_an_unfolded_batch_with_a_weight_per_image_matches_diffusers(sd3):
     x, context, y, g = inputs(4, 5)
     groups = sd3.adapter(51)
     cond, uncond = torch.cat([hidden(g), hidden(g)]), torch.zeros(2, SIGLIP_TOKENS, 1152)
-    patched = sd3.patch.patch_sd3(sd3.model, sd3.spec(groups, cond, uncond, (1.0, 1.0), image_weights=(0.9, 0.3)))
+    patched = sd3.patch.patch_sd35_joint_blocks(sd3.model, sd3.spec(groups, cond, uncond, (1.0, 1.0), image_weights=(0.9, 0.3)))
     ours = sd3.run_host(patched, x, 0.5, context, y, [1, 0])
     rows = torch.tensor([0.9, 0.3, 0.9, 0.3])[:, None, None]
     theirs = sd3.run_diffusers_summed([(groups, (1.0, 1.0), torch.cat([uncond, cond]), rows)], x, 0.5, context, y)
     torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-4)
-    first_only = sd3.patch.patch_sd3(sd3.model, sd3.spec(groups, cond[:1], uncond[:1], (1.0, 1.0)))
+    first_only = sd3.patch.patch_sd35_joint_blocks(sd3.model, sd3.spec(groups, cond[:1], uncond[:1], (1.0, 1.0)))
     assert (sd3.run_host(first_only, x, 0.5, context, y, [1, 0]) - ours)[[1, 3]].abs().max() > 1e-2
 
 
@@ -243,7 +243,7 @@ def test_an_unfolded_batch_on_a_window_of_the_frames_equals_one_pass(sd3):
     x, context, y, g = inputs(8, 6)  # rows: uncond frames 0-3, cond frames 0-3
     cond, uncond = torch.cat([hidden(g) for _ in range(4)]), torch.zeros(4, SIGLIP_TOKENS, 1152)
     groups = sd3.adapter(52)
-    patched = sd3.patch.patch_sd3(sd3.model, sd3.spec(groups, cond, uncond, (1.0, 1.0),
+    patched = sd3.patch.patch_sd35_joint_blocks(sd3.model, sd3.spec(groups, cond, uncond, (1.0, 1.0),
                                                       image_weights=(0.9, 0.3, 1.2, 0.6)))
     whole = sd3.run_host(patched, x, 0.5, context, y, [1, 0])
     window = context_window([2, 3], total=4)

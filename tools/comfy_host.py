@@ -277,7 +277,7 @@ def import_host(base_dir: Path | None = None, models_dir: Path | None = None, lo
 
 def pack_module(name: str):
     """A module of this pack as the in-process host loaded it (``name`` relative to the pack root,
-    e.g. "nodes.ipadapter_patch"), so that its classes are the ones the host's nodes use."""
+    e.g. "nodes.patch.unet"), so that its classes are the ones the host's nodes use."""
     import importlib
 
     import nodes

@@ -17,6 +17,7 @@ latent's size, which the block patches cannot see), and a sigma range gates it, 
 from __future__ import annotations
 
 import copy
+import threading
 from dataclasses import dataclass, field
 
 import comfy.patcher_extension
@@ -24,13 +25,14 @@ import torch
 import torch.nn.functional as F
 from comfy.ldm.modules.attention import optimized_attention
 
-from ..ipadapter_core.adapter_spec import check_image_weights
-from ..ipadapter_core.batch_layout import BatchLayout
-from ..ipadapter_core.image_factor import ImageFactor, LayerGrid
-from .flux_patch import LATENT_WRAPPER_KEY, LatentSize
-from .host_hooks import DIT_BLOCK, tag_uncond_conds, uncond_chunks, window_frames
+from ...ipadapter_core.adapter_spec import check_image_weights
+from ...ipadapter_core.batch_layout import BatchLayout
+from ...ipadapter_core.image_factor import ImageFactor, LayerGrid
+from .hooks import DIT_BLOCK, CallCount, LatentSize, batch_layout, record_latent_size, tag_uncond_conds, watch
+from .layers import ModelFit
 
 NORM_EPS = 1e-6
+LAYER_KIND = "joint blocks (DiT block patches)"
 
 
 @dataclass(frozen=True)
@@ -65,27 +67,31 @@ class SD3ImagePrompt:
     """The image terms of one patched SD3.5 model's adapters; one ``JointBlockPatch`` per joint block calls it.
 
     ``timestep(sigmas)`` is the model's timestep of a step's sigma (what the resampler is conditioned on); ``latent``
-    the latent size of the model call in progress, ``patch_size`` the MMDiT's (together: the token grid)."""
+    the latent size of the model call in progress, ``patch_size`` the MMDiT's (together: the token grid); ``inner``
+    the block patches that were there before ours (another pack's, by block index), run around our block;
+    ``count`` counts the block calls (``hooks.watch``)."""
 
     def __init__(self, blocks, adapters: tuple[TimeConditionedSpec, ...], timestep, latent: LatentSize,
-                 patch_size: int):
+                 patch_size: int, inner: dict[int, object], count: CallCount):
         self.blocks = blocks
         self.adapters = adapters
         self.timestep = timestep
         self.latent = latent
         self.patch_size = patch_size
+        self.inner = inner
+        self.count = count
         self.factors = ImageFactor(adapters)
-        self._step: tuple[object, BatchLayout | None, dict] = (None, None, {})
+        self._step = threading.local()  # per thread (concurrent calls on several devices): this step's tokens
         self._ratios: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self._made: dict[tuple, object] = {}  # made once: resamplers by device, rows and row weights by layout
 
     def tokens(self, index: int, layout: BatchLayout, sigmas: torch.Tensor, device, dtype):
         """Adapter ``index``'s (tokens [B, T, D], temb [B, W]) at this step: computed at the first block, reused;
         the resampler runs once per distinct reference row (cond and uncond of each image), not per batch row."""
-        step_sigmas, step_layout, cache = self._step
+        step_sigmas, step_layout, cache = getattr(self._step, "tokens", (None, None, {}))
         if sigmas is not step_sigmas or layout != step_layout:
             cache = {}
-            self._step = (sigmas, layout, cache)
+            self._step.tokens = (sigmas, layout, cache)
         if index not in cache:
             distinct, pick = self.rows(index, layout, device)
             t = self.timestep(sigmas[:1]).float().to(device).expand(distinct.shape[0])
@@ -187,13 +193,22 @@ class SD3ImagePrompt:
 
 class JointBlockPatch:
     """The ("dit", "double_block", i) patch of joint block i: the host's block mixing, with the image term added to
-    the image stream's attention output."""
+    the image stream's attention output. A block patch another pack set there before ours runs around it (it gets
+    our block as its ``original_block``)."""
 
     def __init__(self, prompt: SD3ImagePrompt, index: int):
         self.prompt = prompt
         self.index = index
 
     def __call__(self, args: dict, extra: dict) -> dict:
+        self.prompt.count.ran()
+        inner = self.prompt.inner.get(self.index)
+        if inner is not None:
+            return inner(args, {**extra, "original_block": self.block})
+        return self.block(args)
+
+    def block(self, args: dict) -> dict:
+        """Joint block ``index`` on ``args`` (txt, img, vec, transformer_options) with the image term."""
         options = args["transformer_options"]
         block = self.prompt.blocks[self.index]
         context, x, c = args["txt"], args["img"], args["vec"]
@@ -202,10 +217,7 @@ class JointBlockPatch:
         qkv = [torch.cat((a, b), dim=1) for a, b in zip(context_qkv, x_qkv)]
         attn = optimized_attention(*qkv, heads=block.x_block.attn.num_heads, transformer_options=options)
         context_attn, x_attn = attn[:, :context_qkv[0].shape[1]], attn[:, context_qkv[0].shape[1]:]
-        flags = uncond_chunks(options)
-        rows = x.shape[0] // len(flags)
-        layout = BatchLayout(flags, rows, window_frames(options, rows))
-        term = self.prompt.image_term(self.index, x_qkv, layout, options["sigmas"])
+        term = self.prompt.image_term(self.index, x_qkv, batch_layout(options, x.shape[0]), options["sigmas"])
         if term is not None:
             x_attn = x_attn + term
         context = None if block.context_block.pre_only else block.context_block.post_attention(context_attn,
@@ -228,21 +240,24 @@ def joint_blocks(mmdit):
     return blocks
 
 
-def patch_sd3(model_patcher, spec: TimeConditionedSpec):
+def patch_sd35_joint_blocks(model_patcher, spec: TimeConditionedSpec, fit: ModelFit | None = None):
     """A clone of ``model_patcher`` (an SD3.5-Large MMDiT) with ``spec`` added to its joint blocks' image stream."""
     mmdit = model_patcher.get_model_object("diffusion_model")
     blocks = joint_blocks(mmdit)
     patched = model_patcher.clone()
     replaces = patched.model_options["transformer_options"].get("patches_replace", {}).get("dit", {})
-    previous = replaces.get((DIT_BLOCK, 0))
-    if isinstance(previous, JointBlockPatch):
-        adapters, latent = previous.prompt.adapters + (spec,), previous.prompt.latent
+    earlier = replaces.get((DIT_BLOCK, 0))
+    if isinstance(earlier, JointBlockPatch):
+        earlier = earlier.prompt
+        adapters, latent, inner, count = earlier.adapters + (spec,), earlier.latent, earlier.inner, earlier.count
     else:
-        adapters, latent = (spec,), LatentSize()
-        patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, LATENT_WRAPPER_KEY, latent.record)
+        adapters, count = (spec,), CallCount()
+        inner = {i: replaces[(DIT_BLOCK, i)] for i in range(len(blocks)) if (DIT_BLOCK, i) in replaces}
+        latent = record_latent_size(patched, comfy.patcher_extension.WrappersMP.APPLY_MODEL)
     sampling = model_patcher.get_model_object("model_sampling")
-    prompt = SD3ImagePrompt(blocks, adapters, sampling.timestep, latent, mmdit.patch_size)
+    prompt = SD3ImagePrompt(blocks, adapters, sampling.timestep, latent, mmdit.patch_size, inner, count)
     for i in range(len(blocks)):
         patched.set_model_patch_replace(JointBlockPatch(prompt, i), "dit", DIT_BLOCK, i)
     tag_uncond_conds(patched)
+    watch(patched, LAYER_KIND, count)
     return patched

@@ -1,25 +1,17 @@
-"""Registering decoupled cross-attention on a cloned host model, through the host's own patch mechanism
-(Flux models: ``flux_patch``).
+"""The layers an adapter patches, read from the model itself, and whether an adapter fits them: checked once per
+apply (``model_fit``) and handed to the weights and the patch.
 
-The layer list is read from the model itself (fine-tunes and distilled UNets have other depths), in
-the order adapter files number their layers: input blocks, output blocks, then the middle block, which
-the host keys as ("middle", 0). Which conditioning produced each batch chunk is read from the guider
-once per sampling run (an OUTER_SAMPLE wrapper): chunks of its "positive" conditioning get the cond
-image tokens, every other conditioning (negative, DualCFGGuider's middle, ...) the uncond tokens. When the
-sampler runs the UNet on windows of the frames (the host's context windows along the batch, or
-AnimateDiff-Evolved's), the window's frame indices say which image of an unfolded batch each latent gets.
+A UNet's layers come in the order adapter files number them: input blocks, output blocks, then the middle block
+(which the host keys as ("middle", 0)); fine-tunes and distilled UNets have other depths. DiT models number theirs by
+block: Flux's double-stream blocks (then its single-stream ones), an MMDiT's joint blocks.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from comfy.ldm.modules.attention import optimized_attention
-
-from ..ipadapter_core.adapter_spec import AdapterSpec
-from ..ipadapter_core.attention import DecoupledCrossAttention, LayerKey
-from ..ipadapter_core.loader import AdapterFile
-from .host_hooks import DIT_BLOCK, SINGLE_BLOCK, tag_uncond_conds, uncond_chunks, window_frames  # noqa: F401
-
+from ...ipadapter_core.attention import LayerKey
+from ...ipadapter_core.loader import AdapterFile
+from .hooks import DIT_BLOCK, SINGLE_BLOCK
 
 
 class AdapterModelMismatch(ValueError):
@@ -100,23 +92,20 @@ def check_fit(adapter: AdapterFile, layers: list[Layer]) -> None:
             f"{'/'.join(map(str, sorted(context_dims)))}): load an adapter made for this model")
 
 
-def patch_model(model_patcher, adapter: AdapterFile, spec: AdapterSpec):
-    """A clone of ``model_patcher`` with ``spec`` added to its image attention (the input is untouched)."""
+@dataclass(frozen=True)
+class ModelFit:
+    """An adapter on a model, checked: the model's layers of the kind the adapter patches (``adapter_layers``),
+    and the number of attention blocks they sit in."""
+    adapter: AdapterFile
+    layers: tuple[Layer, ...]
+
+    @property
+    def blocks(self) -> int:
+        return len({layer.transformer_index for layer in self.layers})
+
+
+def model_fit(model_patcher, adapter: AdapterFile) -> ModelFit:
+    """The fit of ``adapter`` on ``model_patcher``'s model; AdapterModelMismatch when it does not fit."""
     layers, _ = cross_attention_layers(model_patcher)
     check_fit(adapter, layers)
-    if layers[0].family == "flux" and adapter.variant.single_blocks:
-        from .flux_instantx_patch import patch_flux_instantx
-        return patch_flux_instantx(model_patcher, spec)
-    if layers[0].family == "flux":
-        from .flux_patch import patch_flux
-        return patch_flux(model_patcher, spec)
-    patched = model_patcher.clone()
-    replaces = patched.model_options["transformer_options"].get("patches_replace", {}).get("attn2", {})
-    previous = replaces.get(layers[0].key)
-    adapters = (previous.adapters if isinstance(previous, DecoupledCrossAttention) else ()) + (spec,)
-    patch = DecoupledCrossAttention(optimized_attention, {layer.key: i for i, layer in enumerate(layers)},
-                                    adapters, uncond_chunks, window_frames)
-    for layer in layers:
-        patched.set_model_attn2_replace(patch, *layer.key)
-    tag_uncond_conds(patched)
-    return patched
+    return ModelFit(adapter, tuple(adapter_layers(adapter, layers)))

@@ -12,35 +12,16 @@ so fp8 or LoRA-patched weights are read as the block reads them.
 """
 from __future__ import annotations
 
-import math
-
 import comfy.patcher_extension
 import torch
 
-from ..ipadapter_core.adapter_spec import AdapterSpec
-from ..ipadapter_core.attention import ImageAttention
-from .host_hooks import DIT_BLOCK, tag_uncond_conds, uncond_chunks, window_frames
+from ...ipadapter_core.adapter_spec import AdapterSpec
+from ...ipadapter_core.attention import ImageAttention
+from .hooks import (DIT_BLOCK, CallCount, LatentSize, record_latent_size, tag_uncond_conds, uncond_chunks, watch,
+                    window_frames)
+from .layers import ModelFit
 
-LATENT_WRAPPER_KEY = "image_prompt_latent_size"
-
-
-class LatentSize:
-    """The latent height and width of the model call in progress, recorded by a DIFFUSION_MODEL wrapper: the
-    block patches see only the patchified tokens, and masks need the grid (any aspect ratio)."""
-
-    def __init__(self):
-        self.hw: tuple[int, int] | None = None
-
-    def record(self, executor, x, *args, **kwargs):
-        self.hw = tuple(x.shape[-2:])
-        try:
-            return executor(x, *args, **kwargs)
-        finally:
-            self.hw = None  # a later call without the wrapper must not see this size
-
-    def grid(self, patch_size: int) -> tuple[int, int] | None:
-        """The token grid (h, w) of the latent, patches of ``patch_size`` rounded up as the host pads them."""
-        return self.hw and tuple(math.ceil(side / patch_size) for side in self.hw)
+LAYER_KIND = "double-stream blocks (DiT block patches)"
 
 
 def image_query(block, img: torch.Tensor, vec) -> torch.Tensor:
@@ -58,17 +39,19 @@ def image_query(block, img: torch.Tensor, vec) -> torch.Tensor:
 class FluxImagePrompt(ImageAttention):
     """The ("dit", "double_block", i) patch of every double-stream block of one patched Flux model. ``blocks`` are
     the model's double-stream blocks; ``inner`` the block patches that were there before (another pack's), run in
-    place of the plain block."""
+    place of the plain block; ``count`` counts the calls (``hooks.watch``)."""
 
     def __init__(self, blocks, adapters: tuple[AdapterSpec, ...], latent: LatentSize, patch_size: int,
-                 inner: dict[int, object]):
+                 inner: dict[int, object], count: CallCount):
         super().__init__(adapters, len(blocks), uncond_chunks, window_frames)
         self.blocks = blocks
         self.latent = latent
         self.patch_size = patch_size
         self.inner = inner
+        self.count = count
 
     def __call__(self, args: dict, extra: dict) -> dict:
+        self.count.ran()
         options = args["transformer_options"]
         index = options["block_index"]
         block = self.blocks[index]
@@ -86,21 +69,21 @@ class FluxImagePrompt(ImageAttention):
         return out
 
 
-def patch_flux(model_patcher, spec: AdapterSpec):
+def patch_flux_double_blocks(model_patcher, spec: AdapterSpec, fit: ModelFit | None = None):
     """A clone of ``model_patcher`` (a Flux model) with ``spec`` added to its double-stream blocks' image attention."""
     flux = model_patcher.get_model_object("diffusion_model")
     patched = model_patcher.clone()
     replaces = patched.model_options["transformer_options"].get("patches_replace", {}).get("dit", {})
-    previous = replaces.get((DIT_BLOCK, 0))
-    if isinstance(previous, FluxImagePrompt):
-        adapters, latent, inner = previous.adapters + (spec,), previous.latent, previous.inner
+    earlier = replaces.get((DIT_BLOCK, 0))
+    if isinstance(earlier, FluxImagePrompt):
+        adapters, latent, inner, count = earlier.adapters + (spec,), earlier.latent, earlier.inner, earlier.count
     else:
-        adapters, latent = (spec,), LatentSize()
+        adapters, count = (spec,), CallCount()
         inner = {i: replaces[(DIT_BLOCK, i)] for i in range(len(flux.double_blocks)) if (DIT_BLOCK, i) in replaces}
-        patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, LATENT_WRAPPER_KEY,
-                                     latent.record)
-    patch = FluxImagePrompt(flux.double_blocks, adapters, latent, flux.patch_size, inner)
+        latent = record_latent_size(patched, comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL)
+    patch = FluxImagePrompt(flux.double_blocks, adapters, latent, flux.patch_size, inner, count)
     for i in range(len(flux.double_blocks)):
         patched.set_model_patch_replace(patch, "dit", DIT_BLOCK, i)
     tag_uncond_conds(patched)
+    watch(patched, LAYER_KIND, count)
     return patched

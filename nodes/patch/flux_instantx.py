@@ -20,30 +20,36 @@ A mask limits an adapter to a region of the image rows; text rows get only the t
 from __future__ import annotations
 
 import functools
+import threading
 
 import comfy.patcher_extension
 
-from ..ipadapter_core.adapter_spec import AdapterSpec
-from ..ipadapter_core.attention import ImageAttention
-from ..ipadapter_core.rotary import unrotate
-from .flux_patch import LATENT_WRAPPER_KEY, LatentSize
-from .host_hooks import DIT_BLOCK, SINGLE_BLOCK, tag_uncond_conds, uncond_chunks, window_frames
+from ...ipadapter_core.adapter_spec import AdapterSpec
+from ...ipadapter_core.attention import ImageAttention
+from ...ipadapter_core.rotary import unrotate
+from .hooks import (DIT_BLOCK, SINGLE_BLOCK, CallCount, LatentSize, record_latent_size, tag_uncond_conds,
+                    uncond_chunks, watch, window_frames)
+from .layers import ModelFit
 
 OVERRIDE_KEY = "optimized_attention_override"  # the host's attention override in transformer_options
 QUERY_PATCH, OUTPUT_PATCH = "attn1_patch", "attn1_output_patch"  # the host's attention patches (in "patches")
 QUERY_KEY = "image_prompt_instantx_query"  # the query our attn1_patch notes in one block call's options
+LAYER_KIND = {True: "blocks' attention patches (attn1_patch, attn1_output_patch)",
+              False: "blocks (DiT block patches and the attention override)"}  # by calls_attention_patches
 
 
 class InstantXTerms(ImageAttention):
-    """The image terms of one patched Flux model's adapters, added to a block's attention output."""
+    """The image terms of one patched Flux model's adapters, added to a block's attention output; ``count`` counts
+    the calls of its hooks (``hooks.watch``)."""
 
-    def __init__(self, flux, adapters: tuple[AdapterSpec, ...], latent: LatentSize):
+    def __init__(self, flux, adapters: tuple[AdapterSpec, ...], latent: LatentSize, count: CallCount):
+        self.count = count
         self.doubles = len(flux.double_blocks)
         super().__init__(adapters, self.doubles + len(flux.single_blocks), uncond_chunks, window_frames)
         self.patch_size = flux.patch_size
         self.latent = latent
-        self.text_rows = ImageAttention(adapters, len(self.groups), uncond_chunks, window_frames)
-        self.text_rows.groups = {layer: unmasked(groups, adapters) for layer, groups in self.groups.items()}
+        self.text_terms = ImageAttention(adapters, len(self.groups), uncond_chunks, window_frames)
+        self.text_terms.groups = {layer: unmasked(groups, adapters) for layer, groups in self.groups.items()}
 
     def add_terms(self, query, out, layer: int, heads: int, image: slice, options: dict) -> None:
         """out [B, L, H*D] += the terms at ``layer`` for ``query`` [B, L, H*D] (the block's query before RoPE);
@@ -61,7 +67,7 @@ class InstantXTerms(ImageAttention):
             rest = (slice(image_rows.stop, image.stop),)
         for part in rest:
             if part.stop > part.start:
-                self.text_rows.add_image_attention(query[:, part], out[:, part], layer, heads, layout, False, None,
+                self.text_terms.add_image_attention(query[:, part], out[:, part], layer, heads, layout, False, None,
                                                    sigmas)
 
 
@@ -71,6 +77,7 @@ class InstantXAttentionPatches(InstantXTerms):
     def query(self, q, k, v, pe, attn_mask, extra_options: dict) -> dict:
         """The attn1_patch: note the block's query before RoPE (q [B, H, L, D]) in this block call's options (a copy
         per call, also handed to the output patch), change nothing."""
+        self.count.ran()
         if self.groups[self.layer(extra_options)]:
             extra_options[QUERY_KEY] = q
         return {}
@@ -92,36 +99,40 @@ class InstantXBlockPatches(InstantXTerms):
     """The block patches and attention override of one patched Flux model, on a host whose blocks call no attention
     patches. ``inner`` holds the block patches that were there before (another pack's, by (block kind, index)), run
     in place of the plain block; ``previous`` the attention override that was there before, called in place of the
-    host's attention."""
+    host's attention. What a block call notes for its attention is kept per thread (``call``): the host's multi-GPU
+    samplers run calls of one model in several threads at once."""
 
-    def __init__(self, flux, adapters: tuple[AdapterSpec, ...], latent: LatentSize, inner: dict, previous):
-        super().__init__(flux, adapters, latent)
+    def __init__(self, flux, adapters: tuple[AdapterSpec, ...], latent: LatentSize, count: CallCount, inner: dict,
+                 previous):
+        super().__init__(flux, adapters, latent, count)
         self.flipped = [getattr(block, "flipped_img_txt", False) for block in flux.double_blocks]
         self.inner, self.previous = inner, previous
-        self.pending = None  # (layer, RoPE matrices, text rows, image rows first) of the block in progress
-        self.text_count = 0  # text rows of this model call (from its double-stream blocks)
+        # per thread: ``pending``, (layer, RoPE matrices, text rows, image rows first) of the block in progress, and
+        # ``text_rows``, the text rows of this model call (from its double-stream blocks)
+        self.call = threading.local()
 
     def block(self, args: dict, extra: dict) -> dict:
         """The ("dit", kind, i) patch: note what the block's attention needs, run the block."""
+        self.count.ran()
         index = args["transformer_options"]["block_index"]
         double = "txt" in args  # a single-stream block gets text and image as one sequence
         layer = index if double else self.doubles + index
         if double:
-            self.text_count = args["txt"].shape[1]
+            self.call.text_rows = args["txt"].shape[1]
         if self.groups[layer]:
-            self.pending = (layer, args["pe"], self.text_count, double and self.flipped[index])
+            self.call.pending = (layer, args["pe"], getattr(self.call, "text_rows", 0), double and self.flipped[index])
         try:
             inner = self.inner.get((DIT_BLOCK if double else SINGLE_BLOCK, index))
             return inner(args, extra) if inner is not None else extra["original_block"](args)
         finally:
-            self.pending = None
+            self.call.pending = None
 
     def attention(self, func, q, k, v, heads, *args, **kwargs):
         """The attention override: the host's attention (or the override before ours), plus the image terms when
         the call is a patched block's own attention (q [B, H, L, D] after RoPE, out [B, L, H*D])."""
         out = (self.previous(func, q, k, v, heads, *args, **kwargs) if self.previous is not None
                else func(q, k, v, heads, *args, **kwargs))
-        pending, self.pending = self.pending, None  # one attention per block
+        pending, self.call.pending = getattr(self.call, "pending", None), None  # one attention per block
         if pending is None or not kwargs.get("skip_reshape") or q.shape[2] != out.shape[1]:
             return out
         layer, pe, text, image_first = pending
@@ -164,7 +175,7 @@ def applied(options: dict, kind: type[InstantXTerms]):
     return next((hook.__self__ for hook in hooks if isinstance(getattr(hook, "__self__", None), kind)), None)
 
 
-def patch_flux_instantx(model_patcher, spec: AdapterSpec):
+def patch_flux_block_attention(model_patcher, spec: AdapterSpec, fit: ModelFit | None = None):
     """A clone of ``model_patcher`` (a Flux model) with ``spec`` added to the image attention of all its blocks."""
     flux = model_patcher.get_model_object("diffusion_model")
     patched = model_patcher.clone()
@@ -172,20 +183,22 @@ def patch_flux_instantx(model_patcher, spec: AdapterSpec):
     earlier = applied(patched.model_options["transformer_options"],
                       InstantXAttentionPatches if attention_patches else InstantXBlockPatches)
     if earlier is None:
-        adapters, latent = (spec,), LatentSize()
-        patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, LATENT_WRAPPER_KEY,
-                                     latent.record)
+        adapters, count = (spec,), CallCount()
+        latent = record_latent_size(patched, comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL)
     else:
-        adapters, latent = earlier.adapters + (spec,), earlier.latent
-    (set_attention_patches if attention_patches else set_block_patches)(patched, flux, adapters, latent, earlier)
+        adapters, latent, count = earlier.adapters + (spec,), earlier.latent, earlier.count
+    (set_attention_patches if attention_patches else set_block_patches)(patched, flux, adapters, latent, count,
+                                                                        earlier)
     tag_uncond_conds(patched)
+    watch(patched, LAYER_KIND[attention_patches], count)
     return patched
 
 
-def set_attention_patches(patched, flux, adapters: tuple[AdapterSpec, ...], latent: LatentSize, earlier) -> None:
+def set_attention_patches(patched, flux, adapters: tuple[AdapterSpec, ...], latent: LatentSize, count: CallCount,
+                          earlier) -> None:
     """Our attn1_patch and attn1_output_patch on ``patched``: after the other packs' ones, or in the places of
     ``earlier`` (ours, with the adapters before this one)."""
-    patch = InstantXAttentionPatches(flux, adapters, latent)
+    patch = InstantXAttentionPatches(flux, adapters, latent, count)
     if earlier is None:
         patched.set_model_attn1_patch(patch.query)
         patched.set_model_attn1_output_patch(patch.output)
@@ -195,7 +208,8 @@ def set_attention_patches(patched, flux, adapters: tuple[AdapterSpec, ...], late
         patches[name] = [hook if getattr(other, "__self__", None) is earlier else other for other in patches[name]]
 
 
-def set_block_patches(patched, flux, adapters: tuple[AdapterSpec, ...], latent: LatentSize, earlier) -> None:
+def set_block_patches(patched, flux, adapters: tuple[AdapterSpec, ...], latent: LatentSize, count: CallCount,
+                      earlier) -> None:
     """Our patch of every block of ``patched`` and our attention override, around the block patches and override
     that were there before ours (those ``earlier``, ours with the adapters before this one, wraps)."""
     options = patched.model_options["transformer_options"]
@@ -206,7 +220,7 @@ def set_block_patches(patched, flux, adapters: tuple[AdapterSpec, ...], latent: 
         inner, previous = {key: replaces[key] for key in keys if key in replaces}, options.get(OVERRIDE_KEY)
     else:
         inner, previous = earlier.inner, earlier.previous
-    patch = InstantXBlockPatches(flux, adapters, latent, inner, previous)
+    patch = InstantXBlockPatches(flux, adapters, latent, count, inner, previous)
     for kind, index in keys:
         patched.set_model_patch_replace(patch.block, "dit", kind, index)
     # a new dict, as the host's own setters make one: clones share nothing they could change
