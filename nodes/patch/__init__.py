@@ -17,7 +17,7 @@ from __future__ import annotations
 from ...ipadapter_core.loader import AdapterFile
 from .flux_instantx import patch_flux_block_attention
 from .flux_xlabs import patch_flux_double_blocks
-from .layers import AdapterModelMismatch, ModelFit, model_fit
+from .layers import ModelFit, model_fit
 from .sd35 import TimeConditionedSpec, patch_sd35_joint_blocks
 from .unet import patch_unet
 
@@ -34,4 +34,4 @@ def patch_model(model_patcher, adapter: AdapterFile, spec, fit: ModelFit | None 
     return MECHANISMS[adapter.variant.patch](model_patcher, spec, fit)
 
 
-__all__ = ["AdapterModelMismatch", "ModelFit", "TimeConditionedSpec", "model_fit", "patch_model"]
+__all__ = ["ModelFit", "TimeConditionedSpec", "model_fit", "patch_model"]
