@@ -14,6 +14,7 @@ import threading
 import pytest
 import torch
 
+from support.nodes import run_node
 from tools import factory
 from tools.comfy_host import pack_module
 from tools.factory.dit_models import instantx_sd35_adapter, sd3_transformer
@@ -25,10 +26,6 @@ SD15 = ("checkpoints/tiny_sd15.ckpt", "ipadapter/tiny_ip-adapter-plus_sd15.bin",
 FLUX = (f"diffusion_models/{factory.FLUX_FILE}", "clip_vision/clip_vision_l.pt", "ipadapter/flux-ip-adapter.bin",
         "clip_vision/sigclip_vision_patch14_384.pt", f"ipadapter/{factory.INSTANTX_FLUX_FILE}")
 FAMILIES = ("unet", "flux_xlabs", "flux_instantx", "sd35")
-
-
-def run(host, node_id, **inputs):
-    return host.NODE_CLASS_MAPPINGS[node_id].execute(**inputs).result
 
 
 def dit_conditioning(seed: int, text_width: int, pooled_width: int, **extra):
@@ -45,14 +42,10 @@ class Family:
         self.host, self.name = host, name
         mask = torch.zeros(1, 64, 96)
         mask[:, :, :48] = 1.0  # the left half
-        options = dict(weight=1.0, weight_type="linear", start_at=0.0, end_at=0.8, combine_embeds="concat",
-                       embeds_scaling="V only", composition_weight=1.0, unfold_batch=False, layer_weights="",
-                       attn_mask=mask)
-        image = torch.rand(1, 224, 224, 3, generator=torch.Generator().manual_seed(3))
         if name == "unet":
             self.model, clip, _ = host.CheckpointLoaderSimple().load_checkpoint("tiny_sd15.ckpt")
-            (clip_vision,) = host.CLIPVisionLoader().load_clip("CLIP-ViT-H-14-laion2B-s32B-b79K.pt")
-            self.adapter = run(host, "ImagePromptAdapterLoader", ipadapter_file="tiny_ip-adapter-plus_sd15.bin")[0]
+            (self.clip_vision,) = host.CLIPVisionLoader().load_clip("CLIP-ViT-H-14-laion2B-s32B-b79K.pt")
+            self.adapter = run_node(host, "ImagePromptAdapterLoader", ipadapter_file="tiny_ip-adapter-plus_sd15.bin")[0]
             self.positive = host.CLIPTextEncode().encode(clip, "a house")[0]
             self.negative = host.CLIPTextEncode().encode(clip, "blurry")[0]
             self.channels = 4
@@ -60,8 +53,8 @@ class Family:
             (self.model,) = host.UNETLoader().load_unet(factory.FLUX_FILE, "default")
             encoder, file = (("clip_vision_l.pt", "flux-ip-adapter.bin") if name == "flux_xlabs" else
                              ("sigclip_vision_patch14_384.pt", factory.INSTANTX_FLUX_FILE))
-            (clip_vision,) = host.CLIPVisionLoader().load_clip(encoder)
-            self.adapter = run(host, "ImagePromptAdapterLoader", ipadapter_file=file)[0]
+            (self.clip_vision,) = host.CLIPVisionLoader().load_clip(encoder)
+            self.adapter = run_node(host, "ImagePromptAdapterLoader", ipadapter_file=file)[0]
             self.positive, self.negative = (dit_conditioning(s, 4096, 768, guidance=3.5) for s in (1, 2))
             self.channels = 16
         else:
@@ -70,15 +63,23 @@ class Family:
             path = tmp_path_factory.mktemp("sd35") / "ip-adapter_sd35_reduced.bin"
             factory.write_state_dict(instantx_sd35_adapter(6, blocks=2, hidden=128), path)
             self.adapter = pack_module("nodes.ipadapter_encode").load(str(path))
-            embeds = torch.randn(1, 729, 1152, generator=torch.Generator().manual_seed(1))
             self.positive, self.negative = (dit_conditioning(s, 4096, 2048) for s in (1, 2))
             self.channels = 16
-            self.patched = run(host, "ImagePromptApplyEmbeds", model=self.model, ipadapter=self.adapter, pos_embeds=embeds,
-                               **{k: v for k, v in options.items() if k in ("weight", "weight_type", "start_at",
-                                                                           "end_at", "embeds_scaling", "attn_mask")})[0]
-            return
-        self.patched = run(host, "ImagePromptApplyAdvanced", model=self.model, ipadapter=self.adapter, image=image,
-                           clip_vision=clip_vision, **options)[0]
+        self.patched = self.apply(1, end_at=0.8, attn_mask=mask)
+
+    def apply(self, images: int, **options):
+        """The base model through our Advanced apply node (Apply Embeds for SD3.5's time-conditioned resampler)
+        with ``images`` references (random SigLIP hidden states for SD3.5)."""
+        g = torch.Generator().manual_seed(3)
+        options = dict(model=self.model, ipadapter=self.adapter, weight=1.0, weight_type="linear",
+                       embeds_scaling="V only", **options)
+        if self.name == "sd35":
+            embeds = torch.randn(images, 729, 1152, generator=g)
+            return run_node(self.host, "ImagePromptApplyEmbeds", pos_embeds=embeds, **options)[0]
+        image = torch.rand(images, 224, 224, 3, generator=g)
+        return run_node(self.host, "ImagePromptApplyAdvanced", image=image, clip_vision=self.clip_vision,
+                        combine_embeds="concat", composition_weight=1.0, layer_weights="",
+                        **{"start_at": 0.0, "end_at": 1.0, "unfold_batch": False, **options})[0]
 
     def ours(self, model):
         """``model`` with our patch of this family added (the spec of ``self.patched``), by the table's mechanism."""
@@ -99,10 +100,15 @@ class Family:
                                            latent)[0]["samples"]
 
     def call(self, model, seed: int, cond_or_uncond: list[int], sigma: float, hw: tuple[int, int]) -> torch.Tensor:
-        """One model call as the host's sampler makes it (its wrappers in the transformer options)."""
-        g = torch.Generator().manual_seed(seed)
-        x = torch.randn(len(cond_or_uncond), self.channels, *hw, generator=g)
-        conds = [(self.positive, self.negative)[c][0] for c in cond_or_uncond]
+        """One model call of one latent per chunk, from seeded noise."""
+        x = torch.randn(len(cond_or_uncond), self.channels, *hw, generator=torch.Generator().manual_seed(seed))
+        return self.call_on(model, x, cond_or_uncond, sigma)
+
+    def call_on(self, model, x: torch.Tensor, cond_or_uncond: list[int], sigma: float, **options) -> torch.Tensor:
+        """One model call on ``x`` (chunks of equal rows) as the host's sampler makes it: its wrappers and
+        ``options`` (a context window) in the transformer options."""
+        rows = x.shape[0] // len(cond_or_uncond)
+        conds = [(self.positive, self.negative)[c][0] for c in cond_or_uncond for _ in range(rows)]
         context = torch.cat([c[0] for c in conds])
         extra = {}
         if self.name != "unet":
@@ -110,7 +116,7 @@ class Family:
         if self.name.startswith("flux"):
             extra["guidance"] = torch.full((len(conds),), 3.5)
         options = dict(model.model_options["transformer_options"], cond_or_uncond=cond_or_uncond,
-                       sigmas=torch.full((1,), sigma), wrappers=model.wrappers)
+                       sigmas=torch.full((1,), sigma), wrappers=model.wrappers, **options)
         with torch.no_grad():
             return model.model.apply_model(x, torch.full((len(conds),), sigma), c_crossattn=context,
                                            transformer_options=options, **extra)
@@ -216,3 +222,19 @@ def test_concurrent_calls_of_one_patched_model_equal_sequential_ones(family):
             t.join()
         for got, expected in zip(results, sequential):
             torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+
+
+def test_an_unfolded_batch_on_a_window_of_the_frames_equals_one_pass(family):
+    """Four references unfolded over four frames, under CFG: the model run on a window of the frames (the host's
+    context window in the options; its anchor frame first where the host slices one, as 0.28's causal_window_fix
+    does) gives each of its rows what one pass over the whole batch gives that frame."""
+    from support.context_windows import context_window
+    patched = family.apply(4, unfold_batch=True)
+    x = torch.randn(8, family.channels, 8, 12, generator=torch.Generator().manual_seed(4))  # uncond 0-3, cond 0-3
+    whole = family.call_on(patched, x, [1, 0], 0.5)
+    window = context_window([2, 3], total=4)
+    window.causal_anchor_index = 1  # the frame a host with causal_window_fix puts first; older hosts ignore it
+    frames = window.get_tensor(torch.arange(4)).tolist()
+    rows = torch.tensor([chunk * 4 + f for chunk in range(2) for f in frames])
+    in_window = family.call_on(patched, x[rows], [1, 0], 0.5, context_window=window)
+    torch.testing.assert_close(in_window, whole[rows], rtol=0, atol=1e-5)
