@@ -104,9 +104,23 @@ class Family:
         x = torch.randn(len(cond_or_uncond), self.channels, *hw, generator=torch.Generator().manual_seed(seed))
         return self.call_on(model, x, cond_or_uncond, sigma)
 
-    def call_on(self, model, x: torch.Tensor, cond_or_uncond: list[int], sigma: float, **options) -> torch.Tensor:
-        """One model call on ``x`` (chunks of equal rows) as the host's sampler makes it: its wrappers and
-        ``options`` (a context window) in the transformer options."""
+    def second_model(self):
+        """Another model of this family's layout, with other weights."""
+        if self.name == "sd35":
+            import comfy.sd
+            return comfy.sd.load_diffusion_model_state_dict(sd3_transformer(2, 8))
+        model = (self.host.CheckpointLoaderSimple().load_checkpoint("tiny_sd15.ckpt")[0] if self.name == "unet" else
+                 self.host.UNETLoader().load_unet(factory.FLUX_FILE, "default")[0])
+        g = torch.Generator().manual_seed(9)
+        for weight in model.model.diffusion_model.parameters():
+            weight.data += 0.05 * torch.randn(weight.shape, generator=g).to(weight)
+        return model
+
+    def call_on(self, model, x: torch.Tensor, cond_or_uncond: list[int], sigma: float, running=None,
+                **options) -> torch.Tensor:
+        """One model call on ``x`` (chunks of equal rows) as the host's sampler makes it: ``model``'s wrappers and
+        ``options`` (a context window) in the transformer options, run by ``running`` (another model, as a two-model
+        guider or a multi-GPU clone runs one with these options) or ``model``."""
         rows = x.shape[0] // len(cond_or_uncond)
         conds = [(self.positive, self.negative)[c][0] for c in cond_or_uncond for _ in range(rows)]
         context = torch.cat([c[0] for c in conds])
@@ -118,8 +132,8 @@ class Family:
         options = dict(model.model_options["transformer_options"], cond_or_uncond=cond_or_uncond,
                        sigmas=torch.full((1,), sigma), wrappers=model.wrappers, **options)
         with torch.no_grad():
-            return model.model.apply_model(x, torch.full((len(conds),), sigma), c_crossattn=context,
-                                           transformer_options=options, **extra)
+            return (running or model).model.apply_model(x, torch.full((len(conds),), sigma), c_crossattn=context,
+                                                        transformer_options=options, **extra)
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -238,3 +252,13 @@ def test_an_unfolded_batch_on_a_window_of_the_frames_equals_one_pass(family):
     rows = torch.tensor([chunk * 4 + f for chunk in range(2) for f in frames])
     in_window = family.call_on(patched, x[rows], [1, 0], 0.5, context_window=window)
     torch.testing.assert_close(in_window, whole[rows], rtol=0, atol=1e-5)
+
+
+def test_the_patch_uses_the_blocks_of_the_model_that_runs(family):
+    """A patched model's options run by another model of the same layout (as the host's two-model guider runs the
+    negative model, or multi-GPU sampling a clone on another device) give what patching that model gives."""
+    other = family.second_model()
+    x = torch.randn(2, family.channels, 8, 12, generator=torch.Generator().manual_seed(6))
+    ran = family.call_on(family.patched, x, [1, 0], 0.5, running=other)
+    torch.testing.assert_close(ran, family.call_on(family.ours(other), x, [1, 0], 0.5), rtol=0, atol=1e-5)
+    assert (ran - family.call_on(family.patched, x, [1, 0], 0.5)).abs().max() > 1e-3  # the models differ

@@ -1,8 +1,8 @@
 """Patching a cloned host model with image attention: one module per mechanism, picked by the variant table's
 ``patch`` column.
 
-    hooks.py          what every mechanism reads of the host (conditioning per batch chunk, window frames, latent
-                      size, DiT block names) and the watch that warns when another pack dropped our hook
+    hooks.py          what every mechanism reads of the host (conditioning per batch chunk, window frames, the model
+                      call in progress, DiT block names) and the watch that warns when another pack dropped our hook
     layers.py         the layers an adapter patches, read from the model, and the fit (checked once per apply)
     unet.py           unet_cross_attention: attn2 replace patches (SD1.5, SDXL, Kolors)
     flux_xlabs.py     flux_double_blocks: double-stream block patches (XLabs)

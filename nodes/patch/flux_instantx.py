@@ -27,7 +27,7 @@ import comfy.patcher_extension
 from ...ipadapter_core.adapter_spec import AdapterSpec
 from ...ipadapter_core.attention import ImageAttention
 from ...ipadapter_core.rotary import unrotate
-from .hooks import (DIT_BLOCK, SINGLE_BLOCK, CallCount, LatentSize, record_latent_size, tag_uncond_conds,
+from .hooks import (DIT_BLOCK, SINGLE_BLOCK, CallCount, ModelCall, record_model_call, tag_uncond_conds,
                     uncond_chunks, watch, window_frames)
 from .layers import ModelFit
 
@@ -42,19 +42,19 @@ class InstantXTerms(ImageAttention):
     """The image terms of one patched Flux model's adapters, added to a block's attention output; ``count`` counts
     the calls of its hooks (``hooks.watch``)."""
 
-    def __init__(self, flux, adapters: tuple[AdapterSpec, ...], latent: LatentSize, count: CallCount):
+    def __init__(self, flux, adapters: tuple[AdapterSpec, ...], model_call: ModelCall, count: CallCount):
         self.count = count
         self.doubles = len(flux.double_blocks)
         super().__init__(adapters, self.doubles + len(flux.single_blocks), uncond_chunks, window_frames)
         self.patch_size = flux.patch_size
-        self.latent = latent
+        self.model_call = model_call
         self.text_terms = ImageAttention(adapters, len(self.groups), uncond_chunks, window_frames)
         self.text_terms.groups = {layer: unmasked(groups, adapters) for layer, groups in self.groups.items()}
 
     def add_terms(self, query, out, layer: int, heads: int, image: slice, options: dict) -> None:
         """out [B, L, H*D] += the terms at ``layer`` for ``query`` [B, L, H*D] (the block's query before RoPE);
         ``image``: the image stream's rows (the latent's, then any Kontext reference rows)."""
-        grid = self.latent.grid(self.patch_size)
+        grid = self.model_call.grid(self.patch_size)
         length = query.shape[1]
         rows = grid[0] * grid[1] if grid else image.stop - image.start  # the latent's own tokens (not Kontext's)
         image_rows = slice(image.start, image.start + rows)
@@ -102,9 +102,9 @@ class InstantXBlockPatches(InstantXTerms):
     host's attention. What a block call notes for its attention is kept per thread (``call``): the host's multi-GPU
     samplers run calls of one model in several threads at once."""
 
-    def __init__(self, flux, adapters: tuple[AdapterSpec, ...], latent: LatentSize, count: CallCount, inner: dict,
+    def __init__(self, flux, adapters: tuple[AdapterSpec, ...], model_call: ModelCall, count: CallCount, inner: dict,
                  previous):
-        super().__init__(flux, adapters, latent, count)
+        super().__init__(flux, adapters, model_call, count)
         self.flipped = [getattr(block, "flipped_img_txt", False) for block in flux.double_blocks]
         self.inner, self.previous = inner, previous
         # per thread: ``pending``, (layer, RoPE matrices, text rows, image rows first) of the block in progress, and
@@ -184,21 +184,21 @@ def patch_flux_block_attention(model_patcher, spec: AdapterSpec, fit: ModelFit |
                       InstantXAttentionPatches if attention_patches else InstantXBlockPatches)
     if earlier is None:
         adapters, count = (spec,), CallCount()
-        latent = record_latent_size(patched, comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL)
+        model_call = record_model_call(patched, comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL)
     else:
-        adapters, latent, count = earlier.adapters + (spec,), earlier.latent, earlier.count
-    (set_attention_patches if attention_patches else set_block_patches)(patched, flux, adapters, latent, count,
+        adapters, model_call, count = earlier.adapters + (spec,), earlier.model_call, earlier.count
+    (set_attention_patches if attention_patches else set_block_patches)(patched, flux, adapters, model_call, count,
                                                                         earlier)
     tag_uncond_conds(patched)
     watch(patched, LAYER_KIND[attention_patches], count)
     return patched
 
 
-def set_attention_patches(patched, flux, adapters: tuple[AdapterSpec, ...], latent: LatentSize, count: CallCount,
+def set_attention_patches(patched, flux, adapters: tuple[AdapterSpec, ...], model_call: ModelCall, count: CallCount,
                           earlier) -> None:
     """Our attn1_patch and attn1_output_patch on ``patched``: after the other packs' ones, or in the places of
     ``earlier`` (ours, with the adapters before this one)."""
-    patch = InstantXAttentionPatches(flux, adapters, latent, count)
+    patch = InstantXAttentionPatches(flux, adapters, model_call, count)
     if earlier is None:
         patched.set_model_attn1_patch(patch.query)
         patched.set_model_attn1_output_patch(patch.output)
@@ -208,7 +208,7 @@ def set_attention_patches(patched, flux, adapters: tuple[AdapterSpec, ...], late
         patches[name] = [hook if getattr(other, "__self__", None) is earlier else other for other in patches[name]]
 
 
-def set_block_patches(patched, flux, adapters: tuple[AdapterSpec, ...], latent: LatentSize, count: CallCount,
+def set_block_patches(patched, flux, adapters: tuple[AdapterSpec, ...], model_call: ModelCall, count: CallCount,
                       earlier) -> None:
     """Our patch of every block of ``patched`` and our attention override, around the block patches and override
     that were there before ours (those ``earlier``, ours with the adapters before this one, wraps)."""
@@ -220,7 +220,7 @@ def set_block_patches(patched, flux, adapters: tuple[AdapterSpec, ...], latent: 
         inner, previous = {key: replaces[key] for key in keys if key in replaces}, options.get(OVERRIDE_KEY)
     else:
         inner, previous = earlier.inner, earlier.previous
-    patch = InstantXBlockPatches(flux, adapters, latent, count, inner, previous)
+    patch = InstantXBlockPatches(flux, adapters, model_call, count, inner, previous)
     for kind, index in keys:
         patched.set_model_patch_replace(patch.block, "dit", kind, index)
     # a new dict, as the host's own setters make one: clones share nothing they could change

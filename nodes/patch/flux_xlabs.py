@@ -17,7 +17,7 @@ import torch
 
 from ...ipadapter_core.adapter_spec import AdapterSpec
 from ...ipadapter_core.attention import ImageAttention
-from .hooks import (DIT_BLOCK, CallCount, LatentSize, record_latent_size, tag_uncond_conds, uncond_chunks, watch,
+from .hooks import (DIT_BLOCK, CallCount, ModelCall, record_model_call, tag_uncond_conds, uncond_chunks, watch,
                     window_frames)
 from .layers import ModelFit
 
@@ -37,15 +37,15 @@ def image_query(block, img: torch.Tensor, vec) -> torch.Tensor:
 
 
 class FluxImagePrompt(ImageAttention):
-    """The ("dit", "double_block", i) patch of every double-stream block of one patched Flux model. ``blocks`` are
-    the model's double-stream blocks; ``inner`` the block patches that were there before (another pack's), run in
+    """The ("dit", "double_block", i) patch of every double-stream block of one patched Flux model. ``flux`` is the
+    patched model (the blocks used are the running model's: ``hooks.ModelCall``); ``inner`` the block patches that were there before (another pack's), run in
     place of the plain block; ``count`` counts the calls (``hooks.watch``)."""
 
-    def __init__(self, blocks, adapters: tuple[AdapterSpec, ...], latent: LatentSize, patch_size: int,
+    def __init__(self, flux, adapters: tuple[AdapterSpec, ...], model_call: ModelCall, patch_size: int,
                  inner: dict[int, object], count: CallCount):
-        super().__init__(adapters, len(blocks), uncond_chunks, window_frames)
-        self.blocks = blocks
-        self.latent = latent
+        super().__init__(adapters, len(flux.double_blocks), uncond_chunks, window_frames)
+        self.flux = flux
+        self.model_call = model_call
         self.patch_size = patch_size
         self.inner = inner
         self.count = count
@@ -54,14 +54,14 @@ class FluxImagePrompt(ImageAttention):
         self.count.ran()
         options = args["transformer_options"]
         index = options["block_index"]
-        block = self.blocks[index]
+        block = self.model_call.running(self.flux).double_blocks[index]
         img = args["img"]
         q = image_query(block, img, args["vec"]) if self.groups[index] else None  # before the block updates img
         inner = self.inner.get(index)
         out = inner(args, extra) if inner is not None else extra["original_block"](args)
         if q is None:
             return out
-        grid = self.latent.grid(self.patch_size)
+        grid = self.model_call.grid(self.patch_size)
         rows = grid[0] * grid[1] if grid else q.shape[1]
         image = out["img"]
         self.add_image_attention(q[:, :rows], image[:, :rows], index, block.num_heads,
@@ -76,12 +76,12 @@ def patch_flux_double_blocks(model_patcher, spec: AdapterSpec, fit: ModelFit | N
     replaces = patched.model_options["transformer_options"].get("patches_replace", {}).get("dit", {})
     earlier = replaces.get((DIT_BLOCK, 0))
     if isinstance(earlier, FluxImagePrompt):
-        adapters, latent, inner, count = earlier.adapters + (spec,), earlier.latent, earlier.inner, earlier.count
+        adapters, model_call, inner, count = earlier.adapters + (spec,), earlier.model_call, earlier.inner, earlier.count
     else:
         adapters, count = (spec,), CallCount()
         inner = {i: replaces[(DIT_BLOCK, i)] for i in range(len(flux.double_blocks)) if (DIT_BLOCK, i) in replaces}
-        latent = record_latent_size(patched, comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL)
-    patch = FluxImagePrompt(flux.double_blocks, adapters, latent, flux.patch_size, inner, count)
+        model_call = record_model_call(patched, comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL)
+    patch = FluxImagePrompt(flux, adapters, model_call, flux.patch_size, inner, count)
     for i in range(len(flux.double_blocks)):
         patched.set_model_patch_replace(patch, "dit", DIT_BLOCK, i)
     tag_uncond_conds(patched)

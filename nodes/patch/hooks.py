@@ -1,6 +1,7 @@
 """The host's hooks every patch mechanism reads: which conditioning made each batch chunk (recorded once per
-sampling run by an OUTER_SAMPLE wrapper), the frames of a context window, the latent size of the model call in
-progress, the host's names of DiT blocks, and a watch that warns when a hook of ours never ran in a sampling."""
+sampling run by an OUTER_SAMPLE wrapper), the frames of a context window, the model call in progress (its latent
+size, the diffusion model that runs), the host's names of DiT blocks, and a watch that warns when a hook of ours
+never ran in a sampling."""
 from __future__ import annotations
 
 import logging
@@ -14,7 +15,7 @@ from ...ipadapter_core.batch_layout import BatchLayout
 
 UNCOND_UUIDS = "image_prompt_uncond_uuids"  # key in transformer_options, set per sampling run
 WRAPPER_KEY = "image_prompt_conds"
-LATENT_WRAPPER_KEY = "image_prompt_latent_size"
+LATENT_WRAPPER_KEY = "image_prompt_model_call"
 WATCH_KEY = "image_prompt_watch"  # key in transformer_options: (what our hooks patch, the object that counts calls)
 
 DIT_BLOCK = "double_block"  # the host's name of Flux's double-stream and the MMDiT's joint blocks in DiT block patches
@@ -54,10 +55,11 @@ def batch_layout(options: dict, batch: int) -> BatchLayout:
     return BatchLayout(flags, rows, window_frames(options, rows))
 
 
-class LatentSize:
-    """The latent height and width of the model call in progress, recorded by a model wrapper: the block patches
-    see only the patchified tokens, and masks need the grid (any aspect ratio). Per thread: the host's multi-GPU
-    samplers run calls of one model in several threads at once."""
+class ModelCall:
+    """The model call in progress, recorded by a model wrapper: the latent's height and width (the block patches see
+    only the patchified tokens, and masks need the grid, any aspect ratio) and the diffusion model that runs, whose
+    blocks a patch must use: under the host's multi-GPU sampling a clone on another device, under a two-model guider
+    the negative model. Per thread: multi-GPU sampling runs calls of one model in several threads at once."""
 
     def __init__(self):
         self._local = threading.local()
@@ -67,11 +69,18 @@ class LatentSize:
         return getattr(self._local, "hw", None)
 
     def record(self, executor, x, *args, **kwargs):
-        outer, self._local.hw = self.hw, tuple(x.shape[-2:])
+        running = executor.class_obj  # the diffusion model (DIFFUSION_MODEL) or the host's model around it
+        running = getattr(running, "diffusion_model", running)
+        outer = self.hw, getattr(self._local, "model", None)
+        self._local.hw, self._local.model = tuple(x.shape[-2:]), running
         try:
             return executor(x, *args, **kwargs)
         finally:
-            self._local.hw = outer  # a later call without the wrapper must not see this size
+            self._local.hw, self._local.model = outer  # a later call without the wrapper must not see this one
+
+    def running(self, patched_model):
+        """The diffusion model of the call in progress, or ``patched_model`` (the one patched) outside a call."""
+        return getattr(self._local, "model", None) or patched_model
 
     def grid(self, patch_size: int) -> tuple[int, int] | None:
         """The token grid (h, w) of the latent, patches of ``patch_size`` rounded up as the host pads them."""
@@ -82,12 +91,12 @@ class LatentSize:
         return self  # the wrapper and the patch that reads it must keep one object across the host's clones
 
 
-def record_latent_size(patched, wrapper_kind: str) -> LatentSize:
-    """A ``LatentSize`` recorded by a ``wrapper_kind`` wrapper (``WrappersMP.DIFFUSION_MODEL`` or ``APPLY_MODEL``,
+def record_model_call(patched, wrapper_kind: str) -> ModelCall:
+    """A ``ModelCall`` recorded by a ``wrapper_kind`` wrapper (``WrappersMP.DIFFUSION_MODEL`` or ``APPLY_MODEL``,
     whichever gets the latent before patchifying) of ``patched``."""
-    latent = LatentSize()
-    patched.add_wrapper_with_key(wrapper_kind, LATENT_WRAPPER_KEY, latent.record)
-    return latent
+    model_call = ModelCall()
+    patched.add_wrapper_with_key(wrapper_kind, LATENT_WRAPPER_KEY, model_call.record)
+    return model_call
 
 
 class CallCount:

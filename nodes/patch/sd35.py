@@ -12,23 +12,24 @@ import torch
 from comfy.ldm.modules.attention import optimized_attention
 
 from ...ipadapter_core.joint_attention import JointImageTerms, TimeConditionedSpec
-from .hooks import DIT_BLOCK, CallCount, LatentSize, batch_layout, record_latent_size, tag_uncond_conds, watch
+from .hooks import DIT_BLOCK, CallCount, ModelCall, batch_layout, record_model_call, tag_uncond_conds, watch
 from .layers import ModelFit
 
 LAYER_KIND = "joint blocks (DiT block patches)"
 
 
 class SD3ImagePrompt(JointImageTerms):
-    """The image terms of one patched SD3.5 model, with what the host glue needs: its joint ``blocks``, the latent
-    size of the model call in progress and the MMDiT's ``patch_size`` (together: the token grid), the block patches
-    that were there before ours (``inner``, another pack's, by block index; run around our block) and ``count``, the
-    block calls (``hooks.watch``). One ``JointBlockPatch`` per joint block calls it."""
+    """The image terms of one patched SD3.5 model, with what the host glue needs: the patched ``mmdit``, the model
+    call in progress (its latent size, with the MMDiT's ``patch_size`` the token grid, and the MMDiT that runs, whose
+    joint blocks are used), the block patches that were there before ours (``inner``, another pack's, by block index;
+    run around our block) and ``count``, the block calls (``hooks.watch``). One ``JointBlockPatch`` per joint block
+    calls it."""
 
-    def __init__(self, blocks, adapters: tuple[TimeConditionedSpec, ...], timestep, latent: LatentSize,
+    def __init__(self, mmdit, adapters: tuple[TimeConditionedSpec, ...], timestep, model_call: ModelCall,
                  patch_size: int, inner: dict[int, object], count: CallCount):
         super().__init__(adapters, timestep)
-        self.blocks = blocks
-        self.latent = latent
+        self.mmdit = mmdit
+        self.model_call = model_call
         self.patch_size = patch_size
         self.inner = inner
         self.count = count
@@ -53,7 +54,7 @@ class JointBlockPatch:
     def block(self, args: dict) -> dict:
         """Joint block ``index`` on ``args`` (txt, img, vec, transformer_options) with the image term."""
         options = args["transformer_options"]
-        block = self.prompt.blocks[self.index]
+        block = self.prompt.model_call.running(self.prompt.mmdit).joint_blocks[self.index]
         context, x, c = args["txt"], args["img"], args["vec"]
         context_qkv, context_rest = block.context_block.pre_attention(context, c)
         x_qkv, x_rest = block.x_block.pre_attention(x, c)
@@ -64,7 +65,7 @@ class JointBlockPatch:
         term = self.prompt.image_term(self.index, x_qkv, attn_module.num_heads,
                                       (attn_module.ln_q.weight, attn_module.ln_k.weight),
                                       batch_layout(options, x.shape[0]), options["sigmas"],
-                                      self.prompt.latent.grid(self.prompt.patch_size))
+                                      self.prompt.model_call.grid(self.prompt.patch_size))
         if term is not None:
             x_attn = x_attn + term
         context = None if block.context_block.pre_only else block.context_block.post_attention(context_attn,
@@ -96,13 +97,13 @@ def patch_sd35_joint_blocks(model_patcher, spec: TimeConditionedSpec, fit: Model
     earlier = replaces.get((DIT_BLOCK, 0))
     if isinstance(earlier, JointBlockPatch):
         earlier = earlier.prompt
-        adapters, latent, inner, count = earlier.adapters + (spec,), earlier.latent, earlier.inner, earlier.count
+        adapters, model_call, inner, count = earlier.adapters + (spec,), earlier.model_call, earlier.inner, earlier.count
     else:
         adapters, count = (spec,), CallCount()
         inner = {i: replaces[(DIT_BLOCK, i)] for i in range(len(blocks)) if (DIT_BLOCK, i) in replaces}
-        latent = record_latent_size(patched, comfy.patcher_extension.WrappersMP.APPLY_MODEL)
+        model_call = record_model_call(patched, comfy.patcher_extension.WrappersMP.APPLY_MODEL)
     sampling = model_patcher.get_model_object("model_sampling")
-    prompt = SD3ImagePrompt(blocks, adapters, sampling.timestep, latent, mmdit.patch_size, inner, count)
+    prompt = SD3ImagePrompt(mmdit, adapters, sampling.timestep, model_call, mmdit.patch_size, inner, count)
     for i in range(len(blocks)):
         patched.set_model_patch_replace(JointBlockPatch(prompt, i), "dit", DIT_BLOCK, i)
     tag_uncond_conds(patched)
