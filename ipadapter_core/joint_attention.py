@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import copy
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -45,31 +45,50 @@ class TimeConditionedSpec:
     sigma_range: tuple[float, float] | None = None
     mask: torch.Tensor | None = None
     image_weights: tuple[float, ...] = ()
-    _moved: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self):
         check_image_weights(self.image_weights, self.cond_embeds.shape[0])
 
-    def block(self, index: int, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-        """Block ``index``'s adapter weights on ``device`` in ``dtype`` (copied once)."""
-        key = (index, device, dtype)
-        if key not in self._moved:
-            self._moved[key] = {k: v.to(device, dtype) for k, v in self.blocks[index].items()}
-        return self._moved[key]
+
+class JointAdapterWeights(torch.nn.Module):
+    """One SD3.5 adapter's weights as one module, for the host's memory manager to load and offload beside the model:
+    a copy of the resampler (fp32, as the tokens are computed; the loaded adapter stays where it is, for other models)
+    and each block's tensors in the model's compute ``dtype``."""
+
+    def __init__(self, spec: TimeConditionedSpec, dtype: torch.dtype):
+        super().__init__()
+        self.resampler = copy.deepcopy(spec.resampler).float().requires_grad_(False)
+        self.names = tuple(tuple(block) for block in spec.blocks)
+        for index, block in enumerate(spec.blocks):
+            for name, tensor in block.items():
+                self.register_parameter(self.attribute(index, name),
+                                        torch.nn.Parameter(tensor.to(dtype), requires_grad=False))
+
+    @staticmethod
+    def attribute(index: int, name: str) -> str:
+        return f"block{index}_{name.replace('.', '_')}"
+
+    def block(self, index: int) -> dict[str, torch.Tensor]:
+        """Block ``index``'s tensors by their names in the file (``to_k_ip.weight``, ...), where the host put them."""
+        return {name: getattr(self, self.attribute(index, name)) for name in self.names[index]}
 
 
 class JointImageTerms:
     """The image terms of one patched MMDiT's adapters (see the module docstring), with what they make once per run.
 
-    ``timestep(sigmas)`` is the model's timestep of a step's sigma (what the resampler is conditioned on)."""
+    ``timestep(sigmas)`` is the model's timestep of a step's sigma (what the resampler is conditioned on);
+    ``weights`` each adapter's ``JointAdapterWeights``, used on whatever device they are (the host's memory manager
+    loads them with the model; elsewhere the tensors are copied per call)."""
 
-    def __init__(self, adapters: tuple[TimeConditionedSpec, ...], timestep):
+    def __init__(self, adapters: tuple[TimeConditionedSpec, ...], timestep,
+                 weights: tuple[JointAdapterWeights, ...]):
         self.adapters = adapters
         self.timestep = timestep
+        self.weights = weights
         self.factors = ImageFactor(adapters)
         self._step = threading.local()  # per thread (concurrent calls on several devices): this step's tokens
         self._ratios: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._made: dict[tuple, object] = {}  # made once: resamplers by device, rows and row weights by layout
+        self._made: dict[tuple, object] = {}  # made once: rows and row weights by layout
 
     def tokens(self, index: int, layout: BatchLayout, sigmas: torch.Tensor, device, dtype):
         """Adapter ``index``'s (tokens [B, T, D], temb [B, W]) at this step: computed at the first block, reused;
@@ -80,24 +99,15 @@ class JointImageTerms:
             self._step.tokens = (sigmas, layout, cache)
         if index not in cache:
             distinct, pick = self.rows(index, layout, device)
-            t = self.timestep(sigmas[:1]).float().to(device).expand(distinct.shape[0])
-            resampler = self.resampler(index, device)
+            t = self.timestep(sigmas[:1]).float().expand(distinct.shape[0])
+            resampler = self.weights[index].resampler
+            where = next(resampler.parameters()).device
             with torch.no_grad():
-                tokens, temb = resampler(distinct, t)
+                tokens, temb = (x.to(device) for x in resampler(distinct.to(where), t.to(where)))
             if pick is not None:
                 tokens, temb = tokens.index_select(0, pick), temb.index_select(0, pick)
             cache[index] = (tokens.to(dtype), temb.to(dtype))
         return cache[index]
-
-    def resampler(self, index: int, device) -> torch.nn.Module:
-        """Adapter ``index``'s resampler on ``device``: the loaded one where it is, else a copy made once (the
-        loaded adapter stays where it was, for other models)."""
-        key = ("resampler", index, device)
-        if key not in self._made:
-            resampler = self.adapters[index].resampler
-            here = next(resampler.parameters()).device == torch.device(device)
-            self._made[key] = resampler if here else copy.deepcopy(resampler).to(device)
-        return self._made[key]
 
     def rows(self, index: int, layout: BatchLayout, device) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The distinct hidden states [U, N, E] the batch rows need (uncond or cond by a row's chunk, the image of
@@ -128,10 +138,11 @@ class JointImageTerms:
             self._made[key] = torch.tensor(weights, device=device, dtype=dtype)[:, None, None]
         return self._made[key]
 
-    def norm_ratios(self, block_norms: tuple[torch.Tensor, torch.Tensor], weights: dict, device,
-                    dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """(adapter norm_q / block q norm, adapter norm_k / block k norm) weights, [head_dim] each."""
-        key = (id(block_norms[0]), id(weights), device, dtype)
+    def norm_ratios(self, block_norms: tuple[torch.Tensor, torch.Tensor], index: int, block_index: int,
+                    weights: dict, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(adapter norm_q / block q norm, adapter norm_k / block k norm) weights, [head_dim] each: adapter
+        ``index``'s at ``block_index``, made once per block norm (the model that runs), device and dtype."""
+        key = (id(block_norms[0]), index, block_index, device, dtype)
         if key not in self._ratios:
             self._ratios[key] = tuple(weights[name] / norm.to(device, dtype)
                                       for name, norm in zip(("norm_q.weight", "norm_k.weight"), block_norms))
@@ -159,14 +170,14 @@ class JointImageTerms:
             weight = spec.layer_weights[block_index]
             if weight == 0:
                 continue
-            p = spec.block(block_index, q.device, q.dtype)
+            p = {name: x.to(q.device, q.dtype) for name, x in self.weights[index].block(block_index).items()}
             tokens, temb = self.tokens(index, layout, sigmas, q.device, q.dtype)
             shift, scale = F.linear(F.silu(temb), p["norm_ip.linear.weight"], p["norm_ip.linear.bias"]).chunk(2, dim=-1)
             ip = F.layer_norm(tokens, (tokens.shape[-1],), eps=NORM_EPS) * (1 + scale[:, None]) + shift[:, None]
             ip_k = F.rms_norm(F.linear(ip, p["to_k_ip.weight"]).unflatten(-1, (heads, -1)), (d // heads,),
                               p["norm_ip_k.weight"], NORM_EPS)
             ip_v = F.linear(ip, p["to_v_ip.weight"]).unflatten(-1, (heads, -1))
-            q_ratio, k_ratio = self.norm_ratios(block_norms, p, q.device, q.dtype)
+            q_ratio, k_ratio = self.norm_ratios(block_norms, index, block_index, p, q.device, q.dtype)
             queries = (q.unflatten(-1, (heads, -1)) * q_ratio).transpose(1, 2)
             keys = torch.cat([k.unflatten(-1, (heads, -1)) * k_ratio, ip_k], dim=1).transpose(1, 2)
             values = torch.cat([v.reshape(b, n, heads, -1), ip_v], dim=1).transpose(1, 2)  # v comes per head

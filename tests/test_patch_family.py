@@ -262,3 +262,17 @@ def test_the_patch_uses_the_blocks_of_the_model_that_runs(family):
     ran = family.call_on(family.patched, x, [1, 0], 0.5, running=other)
     torch.testing.assert_close(ran, family.call_on(family.ours(other), x, [1, 0], 0.5), rtol=0, atol=1e-5)
     assert (ran - family.call_on(family.patched, x, [1, 0], 0.5)).abs().max() > 1e-3  # the models differ
+
+
+@pytest.mark.parametrize("family", ["sd35"], indirect=True)
+def test_the_hosts_memory_manager_loads_the_adapter_weights_with_the_model(family):
+    """SD3.5's adapter weights (resampler, per-block projections) are a model patcher the patched model names, so
+    the host loads and offloads them with it; a sampling after the host unloaded everything gives the same result."""
+    import comfy.model_management
+    weights = pack_module("ipadapter_core.joint_attention").JointAdapterWeights
+    named = family.patched.model_patches_models()
+    assert len(set(named)) == 1 and isinstance(named[0].model, weights)
+    first = family.sample(family.patched)
+    assert named[0] in [loaded.model for loaded in comfy.model_management.current_loaded_models]
+    comfy.model_management.unload_all_models()
+    torch.testing.assert_close(family.sample(family.patched), first, rtol=0, atol=0)

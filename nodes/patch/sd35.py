@@ -7,11 +7,12 @@ records the latent's size (for masks), which the block patches cannot see.
 """
 from __future__ import annotations
 
+import comfy.model_patcher
 import comfy.patcher_extension
 import torch
 from comfy.ldm.modules.attention import optimized_attention
 
-from ...ipadapter_core.joint_attention import JointImageTerms, TimeConditionedSpec
+from ...ipadapter_core.joint_attention import JointAdapterWeights, JointImageTerms, TimeConditionedSpec
 from .hooks import DIT_BLOCK, CallCount, ModelCall, batch_layout, record_model_call, tag_uncond_conds, watch
 from .layers import ModelFit
 
@@ -22,12 +23,14 @@ class SD3ImagePrompt(JointImageTerms):
     """The image terms of one patched SD3.5 model, with what the host glue needs: the patched ``mmdit``, the model
     call in progress (its latent size, with the MMDiT's ``patch_size`` the token grid, and the MMDiT that runs, whose
     joint blocks are used), the block patches that were there before ours (``inner``, another pack's, by block index;
-    run around our block) and ``count``, the block calls (``hooks.watch``). One ``JointBlockPatch`` per joint block
-    calls it."""
+    run around our block), ``count``, the block calls (``hooks.watch``), and ``weight_models``, the model patchers
+    of each adapter's weights (the host loads them with the model: ``models``). One ``JointBlockPatch`` per joint
+    block calls it."""
 
     def __init__(self, mmdit, adapters: tuple[TimeConditionedSpec, ...], timestep, model_call: ModelCall,
-                 patch_size: int, inner: dict[int, object], count: CallCount):
-        super().__init__(adapters, timestep)
+                 patch_size: int, inner: dict[int, object], count: CallCount, weight_models: tuple):
+        super().__init__(adapters, timestep, tuple(patcher.model for patcher in weight_models))
+        self.weight_models = weight_models
         self.mmdit = mmdit
         self.model_call = model_call
         self.patch_size = patch_size
@@ -72,11 +75,16 @@ class JointBlockPatch:
                                                                                                *context_rest)
         return {"txt": context, "img": block.x_block.post_attention(x_attn, *x_rest)}
 
+    def models(self) -> list:
+        """The adapter weights' model patchers: the host loads (and offloads) the models its patches name with the
+        model they patch (``ModelPatcher.model_patches_models``)."""
+        return list(self.prompt.weight_models)
+
     def __deepcopy__(self, memo):
         return self  # clones share it (see DecoupledCrossAttention.__deepcopy__)
 
     def to(self, *args, **kwargs):
-        return self  # weights are moved per device and dtype when used
+        return self  # the host moves the weights' own model patchers
 
 
 def joint_blocks(mmdit):
@@ -88,6 +96,14 @@ def joint_blocks(mmdit):
     return blocks
 
 
+def adapter_weights_model(model_patcher, spec: TimeConditionedSpec):
+    """A model patcher of ``spec``'s weights, loaded where and when the host loads ``model_patcher``'s model."""
+    model = model_patcher.model
+    weights = JointAdapterWeights(spec, getattr(model, "manual_cast_dtype", None) or model.get_dtype())
+    return comfy.model_patcher.ModelPatcher(weights, load_device=model_patcher.load_device,
+                                            offload_device=model_patcher.offload_device)
+
+
 def patch_sd35_joint_blocks(model_patcher, spec: TimeConditionedSpec, fit: ModelFit | None = None):
     """A clone of ``model_patcher`` (an SD3.5-Large MMDiT) with ``spec`` added to its joint blocks' image stream."""
     mmdit = model_patcher.get_model_object("diffusion_model")
@@ -95,15 +111,18 @@ def patch_sd35_joint_blocks(model_patcher, spec: TimeConditionedSpec, fit: Model
     patched = model_patcher.clone()
     replaces = patched.model_options["transformer_options"].get("patches_replace", {}).get("dit", {})
     earlier = replaces.get((DIT_BLOCK, 0))
+    weights = adapter_weights_model(model_patcher, spec)
     if isinstance(earlier, JointBlockPatch):
         earlier = earlier.prompt
         adapters, model_call, inner, count = earlier.adapters + (spec,), earlier.model_call, earlier.inner, earlier.count
+        weight_models = earlier.weight_models + (weights,)
     else:
-        adapters, count = (spec,), CallCount()
+        adapters, count, weight_models = (spec,), CallCount(), (weights,)
         inner = {i: replaces[(DIT_BLOCK, i)] for i in range(len(blocks)) if (DIT_BLOCK, i) in replaces}
         model_call = record_model_call(patched, comfy.patcher_extension.WrappersMP.APPLY_MODEL)
     sampling = model_patcher.get_model_object("model_sampling")
-    prompt = SD3ImagePrompt(mmdit, adapters, sampling.timestep, model_call, mmdit.patch_size, inner, count)
+    prompt = SD3ImagePrompt(mmdit, adapters, sampling.timestep, model_call, mmdit.patch_size, inner, count,
+                            weight_models)
     for i in range(len(blocks)):
         patched.set_model_patch_replace(JointBlockPatch(prompt, i), "dit", DIT_BLOCK, i)
     tag_uncond_conds(patched)
