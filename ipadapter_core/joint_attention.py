@@ -30,6 +30,11 @@ from .image_factor import ImageFactor, LayerGrid
 NORM_EPS = 1e-6
 
 
+def on(x: torch.Tensor, device, dtype: torch.dtype) -> torch.Tensor:
+    """``x`` on ``device`` in ``dtype``: itself where it is (no operator dispatched), else a copy."""
+    return x if x.device == torch.device(device) and x.dtype == dtype else x.to(device, dtype)
+
+
 @dataclass(frozen=True)
 class TimeConditionedSpec:
     """One SD3.5 adapter on one model: the references' hidden states (cond / uncond, [n, N, E]: n = 1 for every
@@ -103,7 +108,8 @@ class JointImageTerms:
             resampler = self.weights[index].resampler
             where = next(resampler.parameters()).device
             with torch.no_grad():
-                tokens, temb = (x.to(device) for x in resampler(distinct.to(where), t.to(where)))
+                tokens, temb = (on(x, device, x.dtype) for x in resampler(on(distinct, where, distinct.dtype),
+                                                                          on(t, where, t.dtype)))
             if pick is not None:
                 tokens, temb = tokens.index_select(0, pick), temb.index_select(0, pick)
             cache[index] = (tokens.to(dtype), temb.to(dtype))
@@ -170,7 +176,7 @@ class JointImageTerms:
             weight = spec.layer_weights[block_index]
             if weight == 0:
                 continue
-            p = {name: x.to(q.device, q.dtype) for name, x in self.weights[index].block(block_index).items()}
+            p = {name: on(x, q.device, q.dtype) for name, x in self.weights[index].block(block_index).items()}
             tokens, temb = self.tokens(index, layout, sigmas, q.device, q.dtype)
             shift, scale = F.linear(F.silu(temb), p["norm_ip.linear.weight"], p["norm_ip.linear.bias"]).chunk(2, dim=-1)
             ip = F.layer_norm(tokens, (tokens.shape[-1],), eps=NORM_EPS) * (1 + scale[:, None]) + shift[:, None]

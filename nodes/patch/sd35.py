@@ -98,8 +98,9 @@ def joint_blocks(mmdit):
 
 def adapter_weights_model(model_patcher, spec: TimeConditionedSpec):
     """A model patcher of ``spec``'s weights, loaded where and when the host loads ``model_patcher``'s model."""
-    model = model_patcher.model
-    weights = JointAdapterWeights(spec, getattr(model, "manual_cast_dtype", None) or model.get_dtype())
+    model = model_patcher.model  # computes in its manual cast dtype where it has one, else in its weights' dtype
+    dtype = getattr(model, "manual_cast_dtype", None) or next(model.diffusion_model.parameters()).dtype
+    weights = JointAdapterWeights(spec, dtype)
     return comfy.model_patcher.ModelPatcher(weights, load_device=model_patcher.load_device,
                                             offload_device=model_patcher.offload_device)
 
