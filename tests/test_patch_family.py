@@ -276,3 +276,10 @@ def test_the_hosts_memory_manager_loads_the_adapter_weights_with_the_model(famil
     assert named[0] in [loaded.model for loaded in comfy.model_management.current_loaded_models]
     comfy.model_management.unload_all_models()
     torch.testing.assert_close(family.sample(family.patched), first, rtol=0, atol=0)
+
+
+def test_the_variant_table_names_one_mechanism_of_the_registry_per_row():
+    variants = pack_module("ipadapter_core.variants")
+    mechanisms = pack_module("nodes.patch").MECHANISMS
+    assert tuple(mechanisms) == variants.PATCH_MECHANISMS
+    assert {variant.patch for variant in variants.VARIANTS} == set(mechanisms)  # every mechanism is some row's
