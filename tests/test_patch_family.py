@@ -278,7 +278,7 @@ def test_the_hosts_memory_manager_loads_the_adapter_weights_with_the_model(famil
     torch.testing.assert_close(family.sample(family.patched), first, rtol=0, atol=0)
 
 
-def test_the_variant_table_names_one_mechanism_of_the_registry_per_row():
+def test_the_variant_table_names_one_mechanism_of_the_registry_per_row(host):
     variants = pack_module("ipadapter_core.variants")
     mechanisms = pack_module("nodes.patch").MECHANISMS
     assert tuple(mechanisms) == variants.PATCH_MECHANISMS
