@@ -23,7 +23,7 @@ import torch
 
 from .adapter_spec import AdapterSpec
 from .attention_forms import ScratchBuffers, attention_plan, head_major
-from .batch_layout import BatchLayout
+from .batch_layout import BatchLayout, layout_of
 from .batched_kv import BatchedImageKV
 from .image_factor import ImageFactor, LayerGrid
 
@@ -62,9 +62,7 @@ class ImageAttention:
 
     def layout(self, options: dict, batch: int) -> BatchLayout:
         """How this call's ``batch`` rows split into conditioning chunks (and frames)."""
-        flags = self.uncond_chunks(options)
-        rows = batch // len(flags)
-        return BatchLayout(flags, rows, self.window_frames(options, rows))
+        return layout_of(options, batch, self.uncond_chunks, self.window_frames)
 
     def add_image_attention(self, q: torch.Tensor, out: torch.Tensor, layer: int, heads: int, layout: BatchLayout,
                             upcast: bool, latent_hw: tuple[int, int] | None, sigmas: torch.Tensor | None) -> None:

@@ -25,6 +25,15 @@ class BatchLayout(NamedTuple):
         return self.frames or tuple(range(self.rows))
 
 
+def layout_of(options: dict, batch: int, uncond_chunks: Callable[[dict], tuple[bool, ...]],
+              window_frames: Callable[[dict, int], tuple[int, ...] | None]) -> BatchLayout:
+    """How one model call's ``batch`` rows split into conditioning chunks (``uncond_chunks(options)``: per chunk,
+    whether it is negative-side) and the frames of a window (``window_frames(options, rows)``, or None)."""
+    flags = uncond_chunks(options)
+    rows = batch // len(flags)
+    return BatchLayout(flags, rows, window_frames(options, rows))
+
+
 class DeviceIndices:
     """Index tensors on a device, each made once per key: copying a fresh one to a GPU on every call would
     wait for the GPU (a host sync)."""

@@ -11,7 +11,7 @@ import threading
 import comfy.patcher_extension
 import torch
 
-from ...ipadapter_core.batch_layout import BatchLayout
+from ...ipadapter_core.batch_layout import BatchLayout, layout_of
 
 UNCOND_UUIDS = "image_prompt_uncond_uuids"  # key in transformer_options, set per sampling run
 WRAPPER_KEY = "image_prompt_conds"
@@ -50,9 +50,7 @@ def window_frames(options: dict, rows: int) -> tuple[int, ...] | None:
 
 def batch_layout(options: dict, batch: int) -> BatchLayout:
     """How one model call's ``batch`` rows split into conditioning chunks (and the frames of a window)."""
-    flags = uncond_chunks(options)
-    rows = batch // len(flags)
-    return BatchLayout(flags, rows, window_frames(options, rows))
+    return layout_of(options, batch, uncond_chunks, window_frames)
 
 
 class ModelCall:
@@ -129,7 +127,7 @@ def _tag_uncond_conds(executor, *args, **kwargs):
     options[UNCOND_UUIDS] = frozenset(c["uuid"] for key, conds in guider.conds.items() if key != "positive"
                                       for c in (conds or ()) if "uuid" in c)
     layer_kind, counter = options.get(WATCH_KEY) or (None, None)
-    before = counter and counter.calls
+    before = counter.calls if counter is not None else None
     result = executor(*args, **kwargs)
     if counter is not None and counter.calls == before and not counter.warned:
         counter.warned = True
