@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from bench.dispatch_budget import measure
+from support.attention_forms import forced_plan
 from tools import comfy_host, factory
 
 pytestmark = pytest.mark.host
@@ -87,7 +88,6 @@ def test_a_window_of_the_frames_adds_only_its_row_selections(monkeypatch, form):
     tensor from host data per call (on a GPU, each such copy waits for the GPU)."""
     from bench.dispatch_budget import aten_ops
     from ipadapter_core import adapter_spec, attention, attention_forms
-    from test_ipadapter_parity import forced_plan
     plan = forced_plan(attention_forms, form)
     monkeypatch.setattr(attention, "attention_plan", lambda *_: plan)
     g = torch.Generator().manual_seed(0)

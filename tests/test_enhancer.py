@@ -8,9 +8,8 @@ import torch.nn.functional as F
 
 from ipadapter_core import prep
 from ipadapter_core.embeds import enhance_embeds, merge_tile_embeds
-from test_ipadapter_nodes import adapters_of, run
-from test_ipadapter_nodes import image as reference
-from test_prep import ramp
+from support.images import ramp, random_image
+from support.nodes import adapters_of, run_node
 
 PLUS, BASE = "tiny_ip-adapter-plus_sd15.bin", "tiny_ip-adapter_sd15.bin"
 VIT_H = "CLIP-ViT-H-14-laion2B-s32B-b79K.pt"
@@ -95,16 +94,16 @@ def parts(host, need_models):
 def enhance(host, model, clip_vision, adapter, image, tiles, ratio, **more):
     options = dict(weight=1.0, weight_type="linear", start_at=0.0, end_at=1.0, combine_embeds="concat",
                    embeds_scaling="V only", composition_weight=1.0, clip_vision=clip_vision, **more)
-    (patched,) = run(host, "ImagePromptClipVisionEnhancer", model=model, ipadapter=adapter, image=image,
-                     enhance_tiles=tiles, enhance_ratio=ratio, **options)
+    (patched,) = run_node(host, "ImagePromptClipVisionEnhancer", model=model, ipadapter=adapter, image=image,
+                          enhance_tiles=tiles, enhance_ratio=ratio, **options)
     return adapters_of(patched)
 
 
 @pytest.mark.host
 def test_enhancer_tokens_are_the_projection_of_the_whole_image_and_its_pooled_tiles(host, parts):
     model, clip_vision = parts
-    (adapter,) = run(host, "ImagePromptAdapterLoader", ipadapter_file=PLUS)
-    image = reference(1, 224, 336)
+    (adapter,) = run_node(host, "ImagePromptAdapterLoader", ipadapter_file=PLUS)
+    image = random_image(1, 224, 336)
     (spec,) = enhance(host, model, clip_vision, adapter, image, 2, 0.6)
     whole = clip_vision.encode_image(image).penultimate_hidden_states
     crops = [image[:, r * 112:(r + 1) * 112, c * 168:(c + 1) * 168] for r in range(2) for c in range(2)]
@@ -120,8 +119,8 @@ def test_enhancer_tokens_are_the_projection_of_the_whole_image_and_its_pooled_ti
 @pytest.mark.host
 def test_enhancer_on_pooled_embeds_blends_several_images_one_per_latent(host, parts):
     model, clip_vision = parts
-    (adapter,) = run(host, "ImagePromptAdapterLoader", ipadapter_file=BASE)
-    images = torch.cat([reference(2), reference(3)])
+    (adapter,) = run_node(host, "ImagePromptAdapterLoader", ipadapter_file=BASE)
+    images = torch.cat([random_image(2), random_image(3)])
     (spec,) = enhance(host, model, clip_vision, adapter, images, 2, 0.25, unfold_batch=True)
     whole = clip_vision.encode_image(images).image_embeds
     quarters = [images[:, r * 112:(r + 1) * 112, c * 112:(c + 1) * 112] for r in range(2) for c in range(2)]
@@ -134,13 +133,13 @@ def test_enhancer_on_pooled_embeds_blends_several_images_one_per_latent(host, pa
 @pytest.mark.host
 def test_one_tile_is_the_advanced_node_and_a_too_fine_grid_is_named(host, parts):
     model, clip_vision = parts
-    (adapter,) = run(host, "ImagePromptAdapterLoader", ipadapter_file=PLUS)
-    image = reference(4)
+    (adapter,) = run_node(host, "ImagePromptAdapterLoader", ipadapter_file=PLUS)
+    image = random_image(4)
     (spec,) = enhance(host, model, clip_vision, adapter, image, 1, 0.3)
-    (patched,) = run(host, "ImagePromptApplyAdvanced", model=model, ipadapter=adapter, image=image, weight=1.0,
-                     weight_type="linear", start_at=0.0, end_at=1.0, combine_embeds="concat", embeds_scaling="V only",
-                     composition_weight=1.0, clip_vision=clip_vision)
+    (patched,) = run_node(host, "ImagePromptApplyAdvanced", model=model, ipadapter=adapter, image=image, weight=1.0,
+                          weight_type="linear", start_at=0.0, end_at=1.0, combine_embeds="concat",
+                          embeds_scaling="V only", composition_weight=1.0, clip_vision=clip_vision)
     (advanced,) = adapters_of(patched)
     assert torch.equal(spec.cond_tokens, advanced.cond_tokens)
     with pytest.raises(ValueError, match=r"enhance_tiles: 16 tiles per side of a 20x20 image are under 2 pixels"):
-        enhance(host, model, clip_vision, adapter, reference(5, 20, 20), 16, 1.0)
+        enhance(host, model, clip_vision, adapter, random_image(5, 20, 20), 16, 1.0)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from support.flux import sample
+from support.nodes import run_node
 from tools import factory
 
 pytestmark = pytest.mark.host
@@ -13,16 +15,12 @@ FILES = (f"diffusion_models/{factory.FLUX_FILE}", "clip_vision/clip_vision_l.pt"
          "checkpoints/tiny_sd15.ckpt", "ipadapter/tiny_ip-adapter_sd15.bin")
 
 
-def run(host, node_id, **inputs):
-    return host.NODE_CLASS_MAPPINGS[node_id].execute(**inputs).result
-
-
 @pytest.fixture(scope="module")
 def flux(host, need_models):
     need_models(*FILES)  # here: a module fixture is set up before the function-level model markers
     (model,) = host.UNETLoader().load_unet(factory.FLUX_FILE, "default")
     (clip_vision,) = host.CLIPVisionLoader().load_clip("clip_vision_l.pt")
-    (adapter,) = run(host, "ImagePromptAdapterLoader", ipadapter_file="flux-ip-adapter.bin")
+    (adapter,) = run_node(host, "ImagePromptAdapterLoader", ipadapter_file="flux-ip-adapter.bin")
     return model, clip_vision, adapter
 
 
@@ -30,23 +28,10 @@ def reference(seed=1):
     return torch.rand(1, 224, 224, 3, generator=torch.Generator().manual_seed(seed))
 
 
-def conditioning(seed: int):
-    """Flux conditioning as its text encode node makes it: T5 tokens [1, 5, 4096], CLIP-L pooled, guidance."""
-    g = torch.Generator().manual_seed(seed)
-    return [[torch.randn(1, 5, 4096, generator=g), {"pooled_output": torch.randn(1, 768, generator=g),
-                                                     "guidance": 3.5}]]
-
-
-def sample(host, model, cfg: float):
-    latent = {"samples": torch.zeros(1, 16, 8, 12)}
-    (out,) = host.KSampler().sample(model, 7, 2, cfg, "euler", "simple", conditioning(1), conditioning(2), latent)
-    return out["samples"]
-
-
 def test_apply_on_flux_samples_with_the_single_pass_and_with_real_cfg(host, flux):
     model, clip_vision, adapter = flux
-    (patched,) = run(host, "ImagePromptApply", model=model, ipadapter=adapter, clip_vision=clip_vision,
-                     image=reference(), weight=1.0)
+    (patched,) = run_node(host, "ImagePromptApply", model=model, ipadapter=adapter, clip_vision=clip_vision,
+                          image=reference(), weight=1.0)
     assert set(patched.model_options["transformer_options"]["patches_replace"]) == {"dit"}
     (spec,) = next(iter(patched.model_options["transformer_options"]["patches_replace"]["dit"].values())).adapters
     black = clip_vision.encode_image(torch.zeros(1, 224, 224, 3)).image_embeds.float()
@@ -64,26 +49,27 @@ def test_advanced_options_work_on_flux_blocks(host, flux):
     mask[:, :, :32] = 1.0
     common = dict(model=model, ipadapter=adapter, clip_vision=clip_vision, image=reference(), weight=0.8,
                   start_at=0.2, end_at=0.9, embeds_scaling="V only", combine_embeds="concat")
-    (patched,) = run(host, "ImagePromptApplyAdvanced", weight_type="ease in", attn_mask=mask, **common)
+    (patched,) = run_node(host, "ImagePromptApplyAdvanced", weight_type="ease in", attn_mask=mask, **common)
     (spec,) = next(iter(patched.model_options["transformer_options"]["patches_replace"]["dit"].values())).adapters
     assert spec.layer_weights == pytest.approx((0.8, 0.8 * (0.05 + 0.95 / 2))) and spec.sigma_range is not None
     assert torch.isfinite(sample(host, patched, 1.0)).all()
-    (by_block,) = run(host, "ImagePromptApplyAdvanced", weight_type="linear", layer_weights="1:0.5", **common)
+    (by_block,) = run_node(host, "ImagePromptApplyAdvanced", weight_type="linear", layer_weights="1:0.5", **common)
     (spec,) = next(iter(by_block.model_options["transformer_options"]["patches_replace"]["dit"].values())).adapters
     assert spec.layer_weights == pytest.approx((0.0, 0.4))
     with pytest.raises(ValueError, match=r"weight_type: 'style transfer' addresses the attention blocks of SD1.5"):
-        run(host, "ImagePromptApplyAdvanced", weight_type="style transfer", **common)
+        run_node(host, "ImagePromptApplyAdvanced", weight_type="style transfer", **common)
 
 
 def test_unified_loader_finds_the_flux_preset_file_and_its_clip_vision(host, flux):
     model, _, _ = flux
-    patched_model, loaded, clip_vision = run(host, "ImagePromptUnifiedLoader", model=model, preset="FLUX XLABS V2")
+    patched_model, loaded, clip_vision = run_node(host, "ImagePromptUnifiedLoader", model=model, preset="FLUX XLABS V2")
     assert loaded.file.variant.name == "xlabs-v2_flux" and clip_vision is loaded.clip_vision is not None
-    (patched,) = run(host, "ImagePromptApply", model=patched_model, ipadapter=loaded, image=reference(), weight=1.0)
+    (patched,) = run_node(host, "ImagePromptApply", model=patched_model, ipadapter=loaded, image=reference(),
+                          weight=1.0)
     (spec,) = next(iter(patched.model_options["transformer_options"]["patches_replace"]["dit"].values())).adapters
     assert spec.tokens == 16
     with pytest.raises(ValueError, match=r"preset: 'PLUS' has no FLUX IP-Adapter"):
-        run(host, "ImagePromptUnifiedLoader", model=model, preset="PLUS")
+        run_node(host, "ImagePromptUnifiedLoader", model=model, preset="PLUS")
 
 
 def test_the_wrong_clip_vision_names_the_encoder_flux_needs(host, flux):
@@ -92,19 +78,20 @@ def test_the_wrong_clip_vision_names_the_encoder_flux_needs(host, flux):
     with pytest.raises(ValueError, match=r"flux-ip-adapter.bin \(xlabs_flux\) needs the CLIP vision ViT-L-14 "
                                          r"\(clip_vision_l.safetensors, hidden width 1024, 224 px\); the connected "
                                          r"CLIP vision is ViT-H-14"):
-        run(host, "ImagePromptApply", model=model, ipadapter=adapter, clip_vision=vit_h, image=reference(), weight=1.0)
+        run_node(host, "ImagePromptApply", model=model, ipadapter=adapter, clip_vision=vit_h, image=reference(),
+                 weight=1.0)
 
 
 def test_adapters_for_the_other_model_family_are_refused_by_name(host, flux):
     model, clip_vision, adapter = flux
     (sd15,) = host.CheckpointLoaderSimple().load_checkpoint("tiny_sd15.ckpt")[:1]
-    (unet_adapter,) = run(host, "ImagePromptAdapterLoader", ipadapter_file="tiny_ip-adapter_sd15.bin")
+    (unet_adapter,) = run_node(host, "ImagePromptAdapterLoader", ipadapter_file="tiny_ip-adapter_sd15.bin")
     with pytest.raises(ValueError, match=r"tiny_ip-adapter_sd15.bin is a SD15 IP-Adapter \(4 cross-attention layers, "
                                          r"context width 768\) but the model is a Flux transformer \(2 double-stream "
                                          r"blocks, context width 4096\)"):
-        run(host, "ImagePromptApply", model=model, ipadapter=unet_adapter, clip_vision=clip_vision, image=reference(),
-            weight=1.0)
+        run_node(host, "ImagePromptApply", model=model, ipadapter=unet_adapter, clip_vision=clip_vision,
+                 image=reference(), weight=1.0)
     with pytest.raises(ValueError, match=r"flux-ip-adapter.bin is a FLUX IP-Adapter \(2 double-stream blocks, context "
                                          r"width 4096\) but the model is an SD1.5 UNet \(4 cross-attention layers"):
-        run(host, "ImagePromptApply", model=sd15, ipadapter=adapter, clip_vision=clip_vision, image=reference(),
-            weight=1.0)
+        run_node(host, "ImagePromptApply", model=sd15, ipadapter=adapter, clip_vision=clip_vision, image=reference(),
+                 weight=1.0)

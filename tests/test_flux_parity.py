@@ -13,7 +13,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from host_maps import diffusers_state
+from support.diffusers_twins import diffusers_state
+from support.flux import LATENT_HW, inputs
 from tools import factory
 from tools.comfy_host import pack_module
 from tools.factory import dit_models
@@ -21,8 +22,6 @@ from tools.factory import dit_models
 pytestmark = pytest.mark.host
 
 CONFIG = dit_models.FLUX_REDUCED
-LATENT_HW = (8, 12)  # 4 x 6 tokens: not square, so a mask maps to the grid only one way
-TEXT_TOKENS = 5
 
 
 def diffusers_twin(model):
@@ -105,14 +104,6 @@ class Flux:
 @pytest.fixture(scope="module")
 def flux(host, need_models):
     return Flux(host, need_models(f"diffusion_models/{factory.FLUX_FILE}"))  # before the function-level markers
-
-
-def inputs(batch: int, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, 16, *LATENT_HW, generator=g)
-    context = torch.randn(batch, TEXT_TOKENS, 4096, generator=g)
-    y = torch.randn(batch, 768, generator=g)
-    return x, torch.full((batch,), 0.7), context, y, torch.full((batch,), 3.5), g
 
 
 def embeds(g, count: int = 2):

@@ -4,7 +4,6 @@ same server then runs a good prompt."""
 from __future__ import annotations
 
 import copy
-import pickle
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +13,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from bench.soak import base_prompt
+from support.pickles import Canary, write_pickle
 from tools import comfy_host
 
 pytestmark = pytest.mark.server
@@ -25,16 +25,6 @@ FACTORY_FILES = ("checkpoints/tiny_sd15.ckpt", "checkpoints/tiny_sd15_ip2p.ckpt"
                  "ipadapter/tiny_ip-adapter_sd15.bin", "ipadapter/tiny_ip-adapter-faceid_sd15.bin",
                  "ipadapter/ip-adapter_sdxl.bin", "ipadapter/ip-adapter_sd15.bin", f"clip_vision/{VIT_H}",
                  f"clip_vision/{BIG_G}")
-
-
-class Canary:
-    """Unpickling this (without weights-only) would create the file at ``path``."""
-
-    def __init__(self, path: str):
-        self.path = path
-
-    def __reduce__(self):
-        return (open, (self.path, "w"))
 
 
 def write_bad_files(models: Path, inputs: Path, canary: Path) -> None:
@@ -53,8 +43,7 @@ def write_bad_files(models: Path, inputs: Path, canary: Path) -> None:
     torch.save({"image_proj": {"latents": "not a tensor"}, "ip_adapter": {"1.to_k_ip.weight": 3}},
                adapters / "not_tensors.bin")
     for name in ("crafted.bin", "crafted.pt"):
-        with open(adapters / name, "wb") as f:
-            pickle.dump({"image_proj": Canary(str(canary)), "ip_adapter": {}}, f)
+        write_pickle(adapters / name, {"image_proj": Canary(canary), "ip_adapter": {}})
     inputs.mkdir(parents=True, exist_ok=True)
     Image.new("RGB", (1, 1), (200, 10, 10)).save(inputs / "one_pixel.png")
     Image.new("L", (96, 64), 128).save(inputs / "grey.png")
@@ -66,8 +55,7 @@ def write_bad_files(models: Path, inputs: Path, canary: Path) -> None:
     save_file({"embeds": hidden.clone().index_fill_(1, torch.tensor([3]), float("inf"))}, str(inputs / "inf.safetensors"))
     save_file({"embeds": torch.randn(1, 1024)}, str(inputs / "pooled.safetensors"))
     save_file({"something": hidden}, str(inputs / "wrong_key.safetensors"))
-    with open(inputs / "crafted.ipadpt", "wb") as f:
-        pickle.dump(Canary(str(canary)), f)
+    write_pickle(inputs / "crafted.ipadpt", Canary(canary))
 
 
 @pytest.fixture(scope="module")

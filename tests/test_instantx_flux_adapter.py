@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from ipadapter_core.loader import load_adapter
+from support.flux import sample  # the XLabs node tests' Flux sampling
+from support.nodes import run_node
 from tools import factory
 from tools.comfy_host import pack_module
 from tools.factory.dit_models import SIGLIP_SO400M, instantx_flux_adapter
-
-from test_flux_nodes import run, sample  # the XLabs node tests' node runner and Flux sampling
 
 SIGLIP = "clip_vision/sigclip_vision_patch14_384.pt"
 FILES = (f"diffusion_models/{factory.FLUX_FILE}", SIGLIP, f"ipadapter/{factory.INSTANTX_FLUX_FILE}",
@@ -52,7 +52,7 @@ def flux(host, need_models):
     need_models(*FILES)  # here: a module fixture is set up before the function-level model markers
     (model,) = host.UNETLoader().load_unet(factory.FLUX_FILE, "default")
     (siglip,) = host.CLIPVisionLoader().load_clip("sigclip_vision_patch14_384.pt")
-    (adapter,) = run(host, "ImagePromptAdapterLoader", ipadapter_file=factory.INSTANTX_FLUX_FILE)
+    (adapter,) = run_node(host, "ImagePromptAdapterLoader", ipadapter_file=factory.INSTANTX_FLUX_FILE)
     return model, siglip, adapter
 
 
@@ -98,8 +98,8 @@ def test_a_siglip_without_its_pooling_head_on_disk_is_named(host, flux, tmp_path
 @pytest.mark.host
 def test_apply_samples_with_the_single_pass_and_with_real_cfg_and_beside_xlabs(host, flux):
     model, siglip, adapter = flux
-    (patched,) = run(host, "ImagePromptApply", model=model, ipadapter=adapter, clip_vision=siglip, image=reference(),
-                     weight=1.0)
+    (patched,) = run_node(host, "ImagePromptApply", model=model, ipadapter=adapter, clip_vision=siglip,
+                          image=reference(), weight=1.0)
     options = patched.model_options["transformer_options"]
     module = pack_module("nodes.patch.flux_instantx")
     if module.calls_attention_patches(model.get_model_object("diffusion_model")):  # the host's attention patches
@@ -114,9 +114,9 @@ def test_apply_samples_with_the_single_pass_and_with_real_cfg_and_beside_xlabs(h
         plain, steered = sample(host, model, cfg), sample(host, patched, cfg)
         assert torch.isfinite(steered).all() and (steered - plain).abs().max() > 1e-3
     (clip_l,) = host.CLIPVisionLoader().load_clip("clip_vision_l.pt")
-    (xlabs,) = run(host, "ImagePromptAdapterLoader", ipadapter_file="flux-ip-adapter.bin")
-    (both,) = run(host, "ImagePromptApply", model=patched, ipadapter=xlabs, clip_vision=clip_l,
-                  image=reference()[:, :224, :224], weight=1.0)  # XLabs' block patch runs inside InstantX's
+    (xlabs,) = run_node(host, "ImagePromptAdapterLoader", ipadapter_file="flux-ip-adapter.bin")
+    (both,) = run_node(host, "ImagePromptApply", model=patched, ipadapter=xlabs, clip_vision=clip_l,
+                       image=reference()[:, :224, :224], weight=1.0)  # XLabs' block patch runs inside InstantX's
     alone = sample(host, patched, 1.0)
     assert (sample(host, both, 1.0) - alone).abs().max() > 1e-3
 
@@ -124,14 +124,16 @@ def test_apply_samples_with_the_single_pass_and_with_real_cfg_and_beside_xlabs(h
 @pytest.mark.host
 def test_unified_loader_finds_the_preset_file_and_siglip_and_a_wrong_encoder_is_named(host, flux):
     model, _, _ = flux
-    patched_model, loaded, clip_vision = run(host, "ImagePromptUnifiedLoader", model=model, preset="FLUX INSTANTX")
+    patched_model, loaded, clip_vision = run_node(host, "ImagePromptUnifiedLoader", model=model, preset="FLUX INSTANTX")
     assert loaded.file.name == factory.INSTANTX_FLUX_FILE and loaded.file.variant.name == "instantx_flux"
     assert clip_vision is loaded.clip_vision is not None
-    (patched,) = run(host, "ImagePromptApply", model=patched_model, ipadapter=loaded, image=reference(), weight=0.7)
+    (patched,) = run_node(host, "ImagePromptApply", model=patched_model, ipadapter=loaded, image=reference(),
+                          weight=0.7)
     module = pack_module("nodes.patch.flux_instantx")
     assert module.applied(patched.model_options["transformer_options"], module.InstantXTerms) is not None
     (clip_l,) = host.CLIPVisionLoader().load_clip("clip_vision_l.pt")
     with pytest.raises(ValueError, match=r"needs the CLIP vision SigLIP-so400m-384 \(sigclip_vision_patch14_384"
                                          r".safetensors, hidden width 1152, 384 px\); the connected CLIP vision is "
                                          r"ViT-L-14"):
-        run(host, "ImagePromptApply", model=model, ipadapter=loaded, clip_vision=clip_l, image=reference(), weight=1.0)
+        run_node(host, "ImagePromptApply", model=model, ipadapter=loaded, clip_vision=clip_l, image=reference(),
+                 weight=1.0)

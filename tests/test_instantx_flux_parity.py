@@ -20,11 +20,10 @@ import types
 import pytest
 import torch
 
+from support.flux import LATENT_HW, TEXT_TOKENS, inputs  # the XLabs parity's latents (2:3) and conditioning
 from tools import factory
 from tools.comfy_host import pack_module
 from tools.factory import dit_models
-
-from test_flux_parity import LATENT_HW, TEXT_TOKENS, inputs  # the XLabs parity's latents (2:3) and conditioning
 
 pytestmark = pytest.mark.host
 

@@ -14,9 +14,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from test_instruct_edit_host import (STEP_ATOL, case, diffusers_edit, dual_cfg_guider, edit, host_sigmas,  # noqa: F401
-                                     our_guider, record_batches, replay, run_node, vp_units)
-from test_ipadapter_parity import TINY_DIFFUSERS, diffusers_twin
+from support.diffusers_twins import TINY_DIFFUSERS, diffusers_twin
+from support.instruct_edit import (STEP_ATOL, case, diffusers_edit, dual_cfg_guider, edit, host_sigmas,  # noqa: F401
+                                   our_guider, record_batches, replay, vp_units)
+from support.nodes import run_node
 from tools import factory
 from tools.comfy_host import pack_module
 

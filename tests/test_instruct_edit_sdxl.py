@@ -12,7 +12,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from test_instruct_edit_host import STEP_ATOL, host_pipeline, host_sigmas, replay, run_node, run_pipeline, vp_units
+from support.instruct_edit import STEP_ATOL, host_pipeline, host_sigmas, replay, run_pipeline, vp_units
+from support.nodes import run_node
 
 pytestmark = [pytest.mark.host, pytest.mark.heavy]
 

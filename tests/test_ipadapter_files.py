@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import pickle
 import subprocess
 import sys
 
@@ -10,6 +9,7 @@ import pytest
 import torch
 
 from ipadapter_core.loader import AdapterFileError, load_adapter
+from support.pickles import Canary, write_pickle
 from tools import factory
 from tools.factory.ipadapters import VARIANTS as FACTORY_VARIANTS
 
@@ -79,19 +79,10 @@ def test_training_prefix_adapter_modules_is_read(tmp_path):
     assert load_adapter(path).variant.name == "base_sd15"
 
 
-class _Canary:
-    def __init__(self, path):
-        self.path = path
-
-    def __reduce__(self):
-        return (open, (self.path, "w"))
-
-
 def test_a_pickle_with_code_is_refused_and_runs_nothing(tmp_path):
     canary = tmp_path / "canary"
     path = tmp_path / "evil.bin"
-    with open(path, "wb") as f:
-        pickle.dump({"image_proj": {"x": _Canary(str(canary))}, "ip_adapter": {}}, f)
+    write_pickle(path, {"image_proj": {"x": Canary(canary)}, "ip_adapter": {}})
     with pytest.raises(AdapterFileError, match="evil.bin: not a readable weights-only torch file"):
         load_adapter(path)
     assert not canary.exists()

@@ -9,27 +9,16 @@ from __future__ import annotations
 import pytest
 import torch
 
+from support.attention_forms import FORMS, forced_plan
+from support.diffusers_twins import TINY_DIFFUSERS, diffusers_twin
 from tools import factory
 from tools.comfy_host import pack_module
-from tools.factory.edit_models import TINY_SD15_DIFFUSERS
 from tools.factory.ipadapters import BY_STEM, adapter_state_dict
 
 pytestmark = pytest.mark.host
 
-TINY_DIFFUSERS = TINY_SD15_DIFFUSERS  # the tiny factory UNet's diffusers config
 SD15_DIFFUSERS = dict(sample_size=64, in_channels=4, out_channels=4, cross_attention_dim=768, attention_head_dim=8,
                       block_out_channels=(320, 640, 1280, 1280), layers_per_block=2)
-
-
-def diffusers_twin(model, config: dict):
-    """diffusers' UNet2DConditionModel holding the host model's UNet weights (fp32, eval)."""
-    import comfy.utils
-    from diffusers import UNet2DConditionModel
-    mapping = comfy.utils.unet_to_diffusers(model.model.model_config.unet_config)
-    host_sd = model.model.diffusion_model.state_dict()
-    unet = UNet2DConditionModel(**config)
-    unet.load_state_dict({k: host_sd[mapping[k]].float() for k in unet.state_dict()}, strict=True)
-    return unet.eval()
 
 
 def embeds_for(variant, generator, batch=1):
@@ -116,21 +105,9 @@ def tiny(host, need_models):
     return Setup(host, "tiny_sd15.ckpt", TINY_DIFFUSERS, factory.TINY_SD15_WIDTHS)
 
 
-FORMS = ["extra heads", "per adapter", "key-major products", "head products"]  # attention_forms.FORMS (a test each)
-
-
 def apply_options(weight, **inputs):
     """The ApplyOptions an apply node makes of these inputs."""
     return pack_module("ipadapter_core.apply_options").ApplyOptions.from_inputs(weight, **inputs)
-
-
-def forced_plan(forms, form: str):
-    """A plan that runs ``form`` (a name) as its device runs it: the GPU's form reading nothing back, the CPU's
-    forms reading back (skipping gated-off groups, attending only a small mask's rows). ``forms``: the
-    attention_forms module."""
-    assert FORMS == [f.name for f in forms.FORMS]  # a new form gets its parity tests here
-    chosen, gpu = forms.FORMS[FORMS.index(form)], forms.attention_plan("cuda", 16, False)
-    return gpu if chosen is gpu.form else forms.AttentionPlan(chosen, reads_back=True)
 
 
 def force_form(tiny, monkeypatch, form: str):

@@ -4,17 +4,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from test_ipadapter_parity import forced_plan
+from support.attention_forms import forced_plan
+from support.context_windows import context_window
+from support.nodes import run_node
 from tools.comfy_host import pack_module
 
 pytestmark = pytest.mark.host
 
 ADAPTER = "tiny_ip-adapter-plus_sd15.bin"
 FILES = ("checkpoints/tiny_sd15.ckpt", f"ipadapter/{ADAPTER}", "clip_vision/CLIP-ViT-H-14-laion2B-s32B-b79K.pt")
-
-
-def run_node(host, node_id, **inputs):
-    return host.NODE_CLASS_MAPPINGS[node_id].execute(**inputs).result
 
 
 @pytest.fixture(scope="module")
@@ -143,15 +141,6 @@ def test_advanced_node_combines_images_and_takes_a_negative_image(host, patched)
 
 
 WINDOWS = ((0, 1, 2, 3), (2, 3, 4, 5), (4, 5, 6, 7))  # 8 frames, windows of 4 with a stride of 2
-
-
-def context_window(frames, dim: int = 0, total: int = 32):
-    """The host's IndexListContextWindow over ``frames`` (newer hosts also take the length of the whole batch)."""
-    import inspect
-
-    from comfy.context_windows import IndexListContextWindow
-    takes_total = "total_frames" in inspect.signature(IndexListContextWindow).parameters
-    return IndexListContextWindow(list(frames), dim=dim, **({"total_frames": total} if takes_total else {}))
 
 
 def run_in_windows(source: str):

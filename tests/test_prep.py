@@ -5,15 +5,9 @@ import pytest
 import torch
 
 from ipadapter_core import prep
+from support.images import ramp
 
 pytestmark = pytest.mark.unit
-
-
-def ramp(h, w):
-    """An image whose red channel is the column index and green the row index: crops are readable."""
-    rows, cols = torch.meshgrid(torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32),
-                                indexing="ij")
-    return torch.stack([cols, rows, torch.zeros_like(rows)], dim=-1)[None]
 
 
 @pytest.mark.parametrize("position, first_col, first_row", [("left", 0, 0), ("center", 20, 0), ("right", 40, 0)])

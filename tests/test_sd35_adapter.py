@@ -13,6 +13,7 @@ import torch
 
 from ipadapter_core.loader import load_adapter
 from ipadapter_core.projection import build_projection
+from support.nodes import run_node
 from tools import factory
 from tools.factory.dit_models import SD35_RESAMPLER, instantx_sd35_adapter, sd3_transformer
 
@@ -65,10 +66,6 @@ def sd3_model():
     return comfy.sd.load_diffusion_model_state_dict(sd3_transformer(2, 7))
 
 
-def run(host, node_id, **inputs):
-    return host.NODE_CLASS_MAPPINGS[node_id].execute(**inputs).result
-
-
 @pytest.mark.host
 def test_apply_embeds_on_an_sd3_model_samples_with_cfg(host, tmp_path):
     """The adapter at this model's width through Load IP-Adapter and Apply IP-Adapter Embeds (SigLIP hidden states,
@@ -81,8 +78,8 @@ def test_apply_embeds_on_an_sd3_model_samples_with_cfg(host, tmp_path):
     adapter = pack_module("nodes.ipadapter_encode").load(str(path))
     assert adapter.file.variant.name == "instantx_sd35" and adapter.file.layer_widths == (128, 128)
     embeds = torch.randn(1, 729, 1152, generator=torch.Generator().manual_seed(1))
-    (patched,) = run(host, "ImagePromptApplyEmbeds", model=model, ipadapter=adapter, pos_embeds=embeds, weight=0.9,
-                     weight_type="linear", start_at=0.1, end_at=0.9, embeds_scaling="V only")
+    (patched,) = run_node(host, "ImagePromptApplyEmbeds", model=model, ipadapter=adapter, pos_embeds=embeds,
+                          weight=0.9, weight_type="linear", start_at=0.1, end_at=0.9, embeds_scaling="V only")
     patch = patched.model_options["transformer_options"]["patches_replace"]["dit"][("double_block", 1)]
     (spec,) = patch.prompt.adapters
     assert spec.layer_weights == (0.9, 0.9) and spec.sigma_range is not None and not spec.uncond_embeds.any()
@@ -95,8 +92,8 @@ def test_apply_embeds_on_an_sd3_model_samples_with_cfg(host, tmp_path):
     plain, steered = sample(model), sample(patched)
     assert torch.isfinite(steered).all() and (steered - plain).abs().max() > 1e-3
 
-    (by_block,) = run(host, "ImagePromptApplyEmbeds", model=model, ipadapter=adapter, pos_embeds=embeds, weight=0.5,
-                      weight_type="ease out", start_at=0.0, end_at=1.0, embeds_scaling="V only")
+    (by_block,) = run_node(host, "ImagePromptApplyEmbeds", model=model, ipadapter=adapter, pos_embeds=embeds,
+                           weight=0.5, weight_type="ease out", start_at=0.0, end_at=1.0, embeds_scaling="V only")
     (spec,) = by_block.model_options["transformer_options"]["patches_replace"]["dit"][("double_block", 0)].prompt.adapters
     assert spec.layer_weights == pytest.approx((0.5 * 0.05, 0.5 * (0.05 + 0.95 / 2)))
 
@@ -116,8 +113,8 @@ def test_a_mask_and_unfolded_images_with_weights_sample_through_the_nodes(host, 
     mask[:, :, :16] = 1.0
     common = dict(model=model, ipadapter=adapter, pos_embeds=embeds, weight=[0.8, 0.4], weight_type="linear",
                   start_at=0.0, end_at=1.0, embeds_scaling="V only", unfold_batch=True)
-    (masked,) = run(host, "ImagePromptApplyEmbeds", attn_mask=mask, **common)
-    (unmasked,) = run(host, "ImagePromptApplyEmbeds", **common)
+    (masked,) = run_node(host, "ImagePromptApplyEmbeds", attn_mask=mask, **common)
+    (unmasked,) = run_node(host, "ImagePromptApplyEmbeds", **common)
     (spec,) = masked.model_options["transformer_options"]["patches_replace"]["dit"][("double_block", 0)].prompt.adapters
     assert spec.cond_embeds.shape[0] == 2 and spec.image_weights == (0.8, 0.4) and spec.mask.shape == (1, 32, 48)
 
@@ -139,12 +136,12 @@ def test_the_published_file_on_another_width_and_per_step_limits_are_named(host,
                   start_at=0.0, end_at=1.0)
     with pytest.raises(ValueError, match=r"ip-adapter.bin is a SD35 IP-Adapter \(38 joint blocks, context width 2432\) "
                                          r"but the model is an SD3 MMDiT \(2 joint blocks, context width 128\)"):
-        run(host, "ImagePromptApplyEmbeds", ipadapter=load(str(published)), embeds_scaling="V only", **common)
+        run_node(host, "ImagePromptApplyEmbeds", ipadapter=load(str(published)), embeds_scaling="V only", **common)
     reduced = tmp_path / "reduced.bin"
     factory.write_state_dict(instantx_sd35_adapter(6, blocks=2, hidden=128), reduced)
     with pytest.raises(ValueError, match=r"embeds_scaling: reduced.bin \(instantx_sd35\) takes 'V only' \(its image "
                                          r"keys share the joint attention's softmax\); got 'K\+V'"):
-        run(host, "ImagePromptApplyEmbeds", ipadapter=load(str(reduced)), embeds_scaling="K+V", **common)
+        run_node(host, "ImagePromptApplyEmbeds", ipadapter=load(str(reduced)), embeds_scaling="K+V", **common)
 
 
 @pytest.mark.host

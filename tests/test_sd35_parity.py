@@ -12,7 +12,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from host_maps import diffusers_state
+from support.context_windows import context_window
+from support.diffusers_twins import diffusers_state
 from tools.comfy_host import pack_module
 from tools.factory.dit_models import instantx_sd35_adapter, sd3_transformer
 
@@ -239,7 +240,6 @@ def test_an_unfolded_batch_on_a_window_of_the_frames_equals_one_pass(sd3):
     """Four references unfolded over four frames with a weight each, under CFG: the transformer run on a window of
     the frames (the host's context window in the options; its anchor frame first where the host slices one, as
     0.28's causal_window_fix does) gives each of its rows what one pass over the whole batch gives that frame."""
-    from test_ipadapter_sampling import context_window
     x, context, y, g = inputs(8, 6)  # rows: uncond frames 0-3, cond frames 0-3
     cond, uncond = torch.cat([hidden(g) for _ in range(4)]), torch.zeros(4, SIGLIP_TOKENS, 1152)
     groups = sd3.adapter(52)

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from bench.soak import base_prompt, prompt_mix, run_soak, serve
+from support.nodes import run_node
 
 FILES = ("checkpoints/tiny_sd15.ckpt", "ipadapter/tiny_ip-adapter-plus_sd15.bin",
          "clip_vision/CLIP-ViT-H-14-laion2B-s32B-b79K.pt")
@@ -54,10 +55,9 @@ def test_adapter_memory_is_released_once_the_patched_model_is_gone(host, need_mo
     baseline = alive()
     model = host.CheckpointLoaderSimple().load_checkpoint("tiny_sd15.ckpt")[0]
     (clip_vision,) = host.CLIPVisionLoader().load_clip("CLIP-ViT-H-14-laion2B-s32B-b79K.pt")
-    (adapter,) = host.NODE_CLASS_MAPPINGS["ImagePromptAdapterLoader"].execute(
-        ipadapter_file="tiny_ip-adapter-plus_sd15.bin").result
-    (patched,) = host.NODE_CLASS_MAPPINGS["ImagePromptApply"].execute(
-        model=model, ipadapter=adapter, clip_vision=clip_vision, image=torch.rand(1, 64, 64, 3), weight=1.0).result
+    (adapter,) = run_node(host, "ImagePromptAdapterLoader", ipadapter_file="tiny_ip-adapter-plus_sd15.bin")
+    (patched,) = run_node(host, "ImagePromptApply", model=model, ipadapter=adapter, clip_vision=clip_vision,
+                          image=torch.rand(1, 64, 64, 3), weight=1.0)
     options = dict(patched.model_options["transformer_options"], cond_or_uncond=[1, 0], sigmas=torch.tensor([1.0]))
     patched.model.diffusion_model(torch.randn(2, 4, 8, 8), timesteps=torch.tensor([500.0, 500.0]),
                                   context=torch.randn(2, 77, 768), transformer_options=options)

@@ -1,0 +1,1 @@
+"""Helpers the test modules share, each defined once: no test module imports another test module."""
