@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from test_workflows import quick, workflow_param
+from support.graphs import quick, workflow_param
 from tools.run_example import WORKFLOWS, map_to_stand_ins
 from tools.workflow_ui import with_defaults
 

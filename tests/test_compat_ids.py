@@ -9,10 +9,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from test_migrate import (API_GRAPHS, CHECKPOINT, CLIP_H, CUBIQ, SIZE, UI_GRAPHS, api_base, api_faceid, api_node,
-                          api_style_composition, api_tail, run_images, run_on_the_full_sd15_layout, sockets,
-                          ui_to_api)
 from ipadapter_core.migrate import MigrationTable, migrate, node_schema
+from support.cubiq import CLIP_H, CUBIQ, UI_GRAPHS, sockets
+from support.cubiq_prompts import (API_GRAPHS, api_base, api_faceid, api_node, api_style_composition, api_tail,
+                                   krita_embeds)
+from support.graphs import run_images, run_on_the_full_sd15_layout, ui_to_api
 from tools import comfy_host
 from tools.run_example import map_to_stand_ins
 
@@ -85,24 +86,6 @@ def test_server_serves_every_mapped_id_with_that_packs_inputs_and_outputs(object
 
 
 # --- prompts in that pack's format --------------------------------------------------------------------------------
-
-def krita_embeds() -> dict:
-    """Krita AI Diffusion's way: the adapter and CLIP vision loaded by file, one encoding per reference,
-    the encodings concatenated, applied as embeds under a mask."""
-    prompt = {"ckpt": api_node("CheckpointLoaderSimple", ckpt_name=CHECKPOINT),
-              "img": api_node("LoadImage", image="reference.png"),
-              "adp": api_node("IPAdapterModelLoader", ipadapter_file="ip-adapter-plus_sd15.safetensors"),
-              "cv": api_node("CLIPVisionLoader", clip_name=CLIP_H),
-              "mask": api_node("SolidMask", value=1.0, width=SIZE, height=SIZE)}
-    for name, weight in (("e1", 1.0), ("e2", 0.6)):
-        prompt[name] = api_node("IPAdapterEncoder", image=["img", 0], weight=weight, ipadapter=["adp", 0],
-                                clip_vision=["cv", 0])
-    prompt["cat"] = api_node("IPAdapterCombineEmbeds", method="concat", embed1=["e1", 0], embed2=["e2", 0])
-    prompt["apply"] = api_node("IPAdapterEmbeds", model=["ckpt", 0], ipadapter=["adp", 0], pos_embed=["cat", 0],
-                               clip_vision=["cv", 0], weight=0.8, weight_type="linear", embeds_scaling="V only",
-                               start_at=0.0, end_at=1.0, attn_mask=["mask", 0])
-    return api_tail(prompt, ["apply", 0])
-
 
 def swarm_advanced() -> dict:
     """SwarmUI's way: the unified loader from a preset, then the advanced apply."""

@@ -14,10 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from test_compat_ids import krita_embeds
-from test_migrate import api_base, api_faceid, api_node, api_tail
 from ipadapter_core.migrate import MigrationTable, migrate
 from ipadapter_core.migrate.node_replace import lacks_mapped_input, plan, replace_in_prompt, replaced_inputs
+from support.cubiq_prompts import api_base, api_faceid, api_node, api_tail, krita_embeds
 from tools import comfy_host, factory
 from tools.run_example import map_to_stand_ins
 

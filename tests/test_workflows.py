@@ -7,33 +7,22 @@ import shutil
 import subprocess
 import sys
 import urllib.request
-import uuid
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from support.graphs import fresh_prefixes, quick, ui_to_api, workflow_param
 from tools import comfy_host, node_reference
 from tools.comfy_host import REPO_ROOT
-from tools.run_example import MODEL_INPUTS, WORKFLOWS, map_to_stand_ins, needs_full_size_models
+from tools.run_example import MODEL_INPUTS, WORKFLOWS, map_to_stand_ins
 from tools.workflow_ui import with_defaults
 
 pytestmark = pytest.mark.server
 
 API_FILES = sorted((WORKFLOWS / "api").glob("*.json"))
 UI_FILES = sorted(WORKFLOWS.glob("*.json"))
-WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
-
-
-def quick(prompt: dict, steps: int, side: int | None = None) -> dict:
-    """The workflow with fewer sampling steps (and a smaller empty latent): the models are random anyway."""
-    for node in prompt.values():
-        if isinstance(node["inputs"].get("steps"), int):
-            node["inputs"]["steps"] = steps
-        if side and node["class_type"] == "EmptyLatentImage":
-            node["inputs"].update(width=side, height=side)
-    return prompt
 
 
 def expected_images(prompt: dict) -> tuple[int, tuple[int, int]]:
@@ -47,10 +36,7 @@ def expected_images(prompt: dict) -> tuple[int, tuple[int, int]]:
 def run_workflow(server, need_models, name: str, steps: int = 1, side: int | None = 128):
     prompt, needed = map_to_stand_ins(json.loads((WORKFLOWS / "api" / name).read_text()))
     need_models(*needed)
-    prompt = quick(prompt, steps, side)
-    for node in prompt.values():  # a prompt the server just ran comes from its cache and saves no image
-        if node["class_type"] == "SaveImage":
-            node["inputs"]["filename_prefix"] += f"_{uuid.uuid4().hex[:8]}"
+    prompt = fresh_prefixes(quick(prompt, steps, side))
     entry = server.run_prompt(prompt)
     return prompt, entry, server.output_files(entry)
 
@@ -65,12 +51,6 @@ def check_images(prompt: dict, files) -> list[np.ndarray]:
             pixels.append(np.asarray(image.convert("RGB"), dtype=np.float32))
         assert pixels[-1].std() > 1.0, f"{path.name} is a flat colour"
     return pixels
-
-
-def workflow_param(name: str):
-    """A workflow file name as a test parameter: those on full-size stand-ins (SDXL: a 2.6 B UNet, 10 GB in
-    float32) are heavy, each run in its own process."""
-    return pytest.param(name, id=name, marks=[pytest.mark.heavy] if needs_full_size_models(name) else [])
 
 
 @pytest.mark.parametrize("name", [workflow_param(p.name) for p in API_FILES])
@@ -93,41 +73,6 @@ def test_sdxl_example_runs_on_the_full_size_sdxl_stand_ins():
     _, needed = map_to_stand_ins(json.loads((WORKFLOWS / "api" / "sdxl_ipadapter_style_composition.json").read_text()))
     assert needed == {"checkpoints/sdxl_layout.ckpt", "ipadapter/ip-adapter-plus_sdxl_vit-h.safetensors",
                       "clip_vision/CLIP-ViT-H-14-laion2B-s32B-b79K.pt"}
-
-
-def ui_to_api(graph: dict, object_info: dict) -> dict:
-    """The API prompt a UI graph describes: links by input name, widget values by the host's input order
-    (skipping the frontend's seed-control values and upload button value)."""
-    links = {link[0]: link for link in graph["links"]}
-    prompt = {}
-    for node in graph["nodes"]:
-        info = object_info[node["type"]]
-        inputs = {}
-        for slot, entry in enumerate(node["inputs"]):
-            if entry.get("link") is None:
-                continue
-            _, origin, origin_slot, target, target_slot, link_type = links[entry["link"]]
-            assert (target, target_slot) == (node["id"], slot), f"link {entry['link']} does not end at its input"
-            origin_node = next(n for n in graph["nodes"] if n["id"] == origin)
-            assert entry["link"] in origin_node["outputs"][origin_slot]["links"]
-            assert link_type == object_info[origin_node["type"]]["output"][origin_slot] == entry["type"]
-            inputs[entry["name"]] = [str(origin), origin_slot]
-        values = list(node["widgets_values"])
-        for section in ("required", "optional"):
-            for name in info["input_order"].get(section, []):
-                kind, *options = info["input"][section][name]
-                options = options[0] if options else {}
-                if not (isinstance(kind, list) or kind in WIDGET_TYPES) or options.get("forceInput"):
-                    continue
-                value = values.pop(0)
-                if options.get("control_after_generate"):
-                    assert values.pop(0) in ("fixed", "increment", "decrement", "randomize")
-                if options.get("image_upload"):
-                    assert values.pop() == "image"
-                inputs.setdefault(name, value)
-        assert values == [], f"node {node['id']}: widget values left over: {values}"
-        prompt[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}
-    return prompt
 
 
 def test_every_api_workflow_has_a_ui_twin_and_back():
