@@ -1,7 +1,8 @@
 """ComfyUI_IPAdapter_plus's node ids on a server with only this pack: /object_info serves them with that pack's
 inputs, option lists, defaults and outputs, and API prompts in that pack's format run unchanged (no migration
-step): the graphs of test_migrate (modelled on that pack's example graphs), and prompts built the way Krita AI
-Diffusion (IPAdapterModelLoader, CLIPVisionLoader, IPAdapterEncoder, IPAdapterCombineEmbeds, IPAdapterEmbeds,
+step) and save the images of the same graph migrated to our nodes, not those of the bare model: that pack's graphs
+(tests/support/cubiq*.py, modelled on its example graphs), and prompts built the way Krita AI Diffusion
+(IPAdapterModelLoader, CLIPVisionLoader, IPAdapterEncoder, IPAdapterCombineEmbeds, IPAdapterEmbeds,
 IPAdapterInsightFaceLoader, IPAdapterFaceID) and SwarmUI (IPAdapterUnifiedLoader or its FaceID twin, then
 IPAdapterAdvanced or IPAdapterFaceID) build theirs. With a copy of that pack under custom_nodes, none is ours."""
 from __future__ import annotations
@@ -13,7 +14,7 @@ from ipadapter_core.migrate import MigrationTable, migrate, node_schema
 from support.cubiq import CLIP_H, CUBIQ, UI_GRAPHS, sockets
 from support.cubiq_prompts import (API_GRAPHS, api_base, api_faceid, api_node, api_style_composition, api_tail,
                                    krita_embeds)
-from support.graphs import run_images, run_on_the_full_sd15_layout, ui_to_api
+from support.graphs import assert_adapter_acted, run_images, run_on_the_full_sd15_layout, ui_to_api
 from tools import comfy_host
 from tools.run_example import map_to_stand_ins
 
@@ -121,7 +122,8 @@ CLIENT_PROMPTS = {"krita_embeds": krita_embeds, "swarm_advanced": swarm_advanced
 def test_api_prompt_in_that_packs_format_runs_unchanged(compat_server, need_models, name):
     prompt = {**API_GRAPHS, **CLIENT_PROMPTS}[name]()
     need_models(*map_to_stand_ins(prompt)[1])
-    run_images(compat_server, prompt, count=2 if name == "batch_variants" else 1)
+    files = run_images(compat_server, prompt, count=2 if name == "batch_variants" else 1)
+    assert_adapter_acted(compat_server, prompt, files)
     if name == "embeds_files":
         assert list((compat_server.base_dir / "output").glob("migrated_embeds*.safetensors"))
 
@@ -130,7 +132,9 @@ def test_api_prompt_in_that_packs_format_runs_unchanged(compat_server, need_mode
 @pytest.mark.parametrize("name", sorted(UI_GRAPHS))
 def test_prompt_the_editor_queues_for_that_packs_graph_runs_unchanged(compat_server, object_info, name):
     """A graph saved with that pack, queued by the editor from this server's /object_info (the compatible ids)."""
-    run_images(compat_server, ui_to_api(UI_GRAPHS[name](), object_info), count=4 if "weights" in name else 1)
+    prompt = ui_to_api(UI_GRAPHS[name](), object_info)
+    files = run_images(compat_server, prompt, count=4 if "weights" in name else 1)
+    assert_adapter_acted(compat_server, prompt, files)
 
 
 def krita_faceid() -> dict:

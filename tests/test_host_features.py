@@ -17,6 +17,7 @@ import pytest
 from ipadapter_core.migrate import MigrationTable, migrate
 from ipadapter_core.migrate.node_replace import lacks_mapped_input, plan, replace_in_prompt, replaced_inputs
 from support.cubiq_prompts import api_base, api_faceid, api_node, api_tail, krita_embeds
+from support.graphs import assert_adapter_acted
 from tools import comfy_host, factory
 from tools.run_example import map_to_stand_ins
 
@@ -230,6 +231,7 @@ def test_api_prompt_with_that_packs_ids_runs_through_ours(off_server, host_io, n
         pytest.skip("the host has no node-replacement registry (io.NodeReplace): that pack's ids are unknown to it")
     entry = off_server.run_prompt(json.loads(json.dumps(prompt)))
     assert len(off_server.output_files(entry)) == 1
+    assert_adapter_acted(off_server, krita_embeds(), off_server.output_files(entry))
     ran = entry["prompt"][2]
     assert {key: node["class_type"] for key, node in ran.items() if key in ("adp", "e1", "cat", "apply")} == {
         "adp": "ImagePromptAdapterLoader", "e1": "ImagePromptEncode", "cat": "ImagePromptCombineEmbeds",

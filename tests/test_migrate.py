@@ -1,6 +1,6 @@
 """Graphs built with ComfyUI_IPAdapter_plus, written here in that pack's own formats, migrate to this pack's
-nodes and run on the real headless host; a UI graph keeps every link; migrating twice changes nothing; the
-report names what differs and what is not supported."""
+nodes and run on the real headless host, where the adapter changes the image; a UI graph keeps every link;
+migrating twice changes nothing; the report names what differs and what is not supported."""
 from __future__ import annotations
 
 import json
@@ -14,7 +14,7 @@ from ipadapter_core.migrate import MigrationTable, is_api_workflow, migrate, nod
 from support.cubiq import (ADAPTER, CUBIQ, HOST, UI_GRAPH_IMAGES, UI_GRAPHS, CubiqGraph, graph_advanced,
                            graph_batch_weights, graph_embeds, graph_simple, graph_weights_strategy, sockets)
 from support.cubiq_prompts import API_GRAPHS, api_faceid, api_node, api_style_composition
-from support.graphs import run_images, run_on_the_full_sd15_layout, ui_to_api
+from support.graphs import assert_adapter_acted, run_images, run_on_the_full_sd15_layout, ui_to_api
 from tools import comfy_host
 from tools.run_example import map_to_stand_ins
 
@@ -377,7 +377,8 @@ def test_command_writes_the_workflow_and_prints_the_report(tmp_path):
 def test_migrated_ui_graph_runs_on_the_host(server, object_info, name):
     migrated, _ = migrate(UI_GRAPHS[name]())
     prompt = ui_to_api(migrated, object_info)
-    run_images(server, prompt, count=UI_GRAPH_IMAGES.get(name, 1))
+    files = run_images(server, prompt, count=UI_GRAPH_IMAGES.get(name, 1))
+    assert_adapter_acted(server, prompt, files, compare_ours=False)  # already ours: test_compat_ids compares
 
 
 @pytest.mark.server
@@ -387,7 +388,8 @@ def test_migrated_api_graph_runs_on_the_host(saved_by_that_pack, name):
     migrated, report = migrate(API_GRAPHS[name]())
     assert is_api_workflow(migrated) and report
     assert not any(node["class_type"] in table().nodes for node in migrated.values())
-    run_images(server, migrated)
+    files = run_images(server, migrated)
+    assert_adapter_acted(server, migrated, files, compare_ours=False)
     if name == "embeds_files":
         assert list((server.base_dir / "output").glob("migrated_embeds*.safetensors"))
 
@@ -405,7 +407,8 @@ def test_migrated_faceid_graph_runs_with_a_face_embedding(saved_by_that_pack, ne
     assert failed.value.node_type == "ImagePromptFaceID" and "face_embeds" in failed.value.message
     migrated["face"] = api_node("ImagePromptLoadEmbeds", embeds="face.ipadpt")
     migrated["fid"]["inputs"]["face_embeds"] = ["face", 0]
-    run_images(server, migrated)
+    files = run_images(server, migrated)
+    assert_adapter_acted(server, migrated, files, compare_ours=False)
 
 
 @pytest.mark.heavy

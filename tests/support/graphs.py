@@ -1,18 +1,23 @@
-"""Graphs on a headless server: what the editor queues for a UI graph, quicker example workflows, and runs that check
-the images they save."""
+"""Graphs on a headless server: what the editor queues for a UI graph, quicker example workflows, runs that check the
+images they save, and the check that an adapter acted (its images against the bare model's and our nodes')."""
 from __future__ import annotations
 
 import uuid
 
+import numpy as np
 import pytest
 from PIL import Image
 
+from ipadapter_core.migrate import migrate
 from support.cubiq import SIZE
 from tools import comfy_host
 from tools.run_example import copy_example_images, map_to_stand_ins, needs_full_size_models
 from tools.workflow_ui import UPLOAD_VALUE, is_widget, ordered_inputs
 
 SEED_CONTROLS = ("fixed", "increment", "decrement", "randomize")
+# The least mean change of the saved images (0..255) that counts as the adapter acting: on the tiny models the
+# graphs here change them by 0.6 to 4.1; an adapter that does nothing leaves them bit-identical.
+ADAPTER_EFFECT = 0.25
 
 
 def ui_to_api(graph: dict, object_info: dict) -> dict:
@@ -98,6 +103,53 @@ def run_images(server, prompt: dict, count: int = 1) -> list:
             sizes.append(image.size)
     assert sizes == [(SIZE, SIZE)] * count
     return files
+
+
+def pixels(files) -> np.ndarray:
+    """The images at ``files`` as one float array [count, height, width, RGB] in 0..255."""
+    arrays = []
+    for path in files:
+        with Image.open(path) as image:
+            arrays.append(np.asarray(image.convert("RGB"), dtype=np.float32))
+    return np.stack(arrays)
+
+
+def bare_branch(prompt: dict) -> dict:
+    """The sampling of ``prompt`` on the checkpoint's own model: its KSampler and the nodes after it, copied under keys
+    "bare_<key>", the copy's model the checkpoint loader's (to run beside ``prompt`` or its migration)."""
+    (checkpoint,) = [key for key, node in prompt.items() if node["class_type"] == "CheckpointLoaderSimple"]
+    (sampler,) = [key for key, node in prompt.items() if node["class_type"] == "KSampler"]
+    after = {sampler}
+    while grown := {key for key, node in prompt.items() if key not in after and any(
+            isinstance(value, list) and value[:1] and value[0] in after for value in node["inputs"].values())}:
+        after |= grown
+    branch = {}
+    for key in after:
+        inputs = {name: [f"bare_{value[0]}", value[1]] if isinstance(value, list) and value[0] in after else value
+                  for name, value in prompt[key]["inputs"].items()}
+        branch[f"bare_{key}"] = {"class_type": prompt[key]["class_type"], "inputs": inputs}
+    branch[f"bare_{sampler}"]["inputs"]["model"] = [checkpoint, 0]
+    return branch
+
+
+def assert_adapter_acted(server, prompt: dict, files, compare_ours: bool = True) -> None:
+    """The images ``prompt`` saved (``files``, from run_images) are not the bare model's (the same sampling on the
+    checkpoint's own model) and, with ``compare_ours``, are those of the same graph migrated to our nodes: one more
+    run, of the bare sampling (beside the migrated graph), its other nodes from the server's cache."""
+    posted, _ = map_to_stand_ins(prompt)
+    beside = migrate(posted)[0] if compare_ours else {
+        key: node for key, node in posted.items() if node["class_type"] != "SaveImage"}
+    again = fresh_prefixes({**beside, **bare_branch(posted)})
+    outputs = server.run_prompt(again)["outputs"]
+    saved = {key: pixels(server.output_files({"outputs": {key: outputs[key]}})) for key, node in again.items()
+             if node["class_type"] == "SaveImage"}
+    bare = saved.pop(next(key for key in saved if key.startswith("bare_")))
+    images = pixels(files)
+    assert images.shape == bare.shape and np.abs(images - bare).mean() > ADAPTER_EFFECT, \
+        f"the adapter changed the bare model's images by {np.abs(images - bare).mean():.3f} levels on average"
+    if compare_ours:
+        (ours,) = saved.values()
+        assert np.array_equal(images, ours), "that pack's node ids gave other images than our nodes"
 
 
 def run_on_the_full_sd15_layout(prompt: dict, base, models_dir) -> None:
