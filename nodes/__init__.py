@@ -4,8 +4,8 @@ from aiohttp import web
 from comfy_api.latest import ComfyExtension, io
 
 from ..ipadapter_core.migrate import TABLE_PATH, migrate
-from . import (apply_nodes, compat_nodes, edit_nodes, embeds_nodes, faceid_nodes, loader_nodes, region_nodes,
-               schedule_nodes)
+from . import (apply_nodes, compat_nodes, edit_nodes, embeds_nodes, faceid_nodes, loader_nodes, reference_nodes,
+               region_nodes, schedule_nodes)
 from .combo_check import with_named_combo_errors
 from .host_features import apply_host_features
 
@@ -39,7 +39,7 @@ def register_migration_routes() -> None:
 
 def our_nodes() -> list[type[io.ComfyNode]]:
     return [*loader_nodes.NODES, *apply_nodes.NODES, *embeds_nodes.NODES, *faceid_nodes.NODES, *region_nodes.NODES,
-            *schedule_nodes.NODES, *edit_nodes.NODES]
+            *schedule_nodes.NODES, *edit_nodes.NODES, *reference_nodes.NODES]
 
 
 class ImagePromptEditExtension(ComfyExtension):

@@ -1,0 +1,133 @@
+"""Reference controls (strength, start/end, mask per reference) on the host's token-reference edit models.
+
+The identities, through the node and the host's own sampler and model calls: strength 1 over the whole range with
+no mask (or an all-ones mask) is the host's own ReferenceLatent result; strength 0, a step outside the range, or an
+all-zero mask is the result without that reference. The other strengths and masks against diffusers' transformer
+with the equivalent additive attention mask are in test_reference_edit_parity.py."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from support.flux import LATENT_HW, conditioning, inputs
+from support.nodes import run_node
+from tools import factory
+
+pytestmark = pytest.mark.host
+
+
+@pytest.fixture(scope="module")
+def flux(host, need_models):
+    need_models(f"diffusion_models/{factory.FLUX_FILE}")
+    (model,) = host.UNETLoader().load_unet(factory.FLUX_FILE, "default")
+    return model
+
+
+def reference_latent(seed: int, hw=(8, 8)) -> torch.Tensor:
+    return torch.randn(1, 16, *hw, generator=torch.Generator().manual_seed(seed))
+
+
+def with_references(host, cond, *latents):
+    for latent in latents:
+        (cond,) = run_node(host, "ReferenceLatent", conditioning=cond, latent={"samples": latent})
+    return cond
+
+
+def controlled(host, cond, reference=1, strength=1.0, start_at=0.0, end_at=1.0, mask=None):
+    extra = {} if mask is None else {"mask": mask}
+    (out,) = run_node(host, "ReferenceLatentControls", conditioning=cond, reference=reference, strength=strength,
+                      start_at=start_at, end_at=end_at, **extra)
+    return out
+
+
+def sample(host, model, positive, steps=2):
+    """The host's KSampler, Flux's single pass (cfg 1: the negative is not run)."""
+    latent = {"samples": torch.zeros(1, 16, *LATENT_HW)}
+    (out,) = host.KSampler().sample(model, 7, steps, 1.0, "euler", "simple", positive, conditioning(2), latent)
+    return out["samples"]
+
+
+def wrapper_of(cond):
+    """Our APPLY_MODEL wrapper on a controlled conditioning (to run one model call with it)."""
+    from comfy.hooks import EnumHookType
+    (hook,) = cond[0][1]["hooks"].get_type(EnumHookType.TransformerOptions)
+    return hook.transformers_dict
+
+
+def model_call(model, refs, sigma, options=None, seed=0):
+    """One call of the host's Flux BaseModel.apply_model, as the sampler makes it (y, guidance, ref_latents)."""
+    x, _, context, y, guidance, _ = inputs(1, seed)
+    kwargs = {"ref_latents": list(refs)} if refs else {}
+    with torch.no_grad():
+        return model.model.apply_model(x, torch.tensor([sigma]), c_crossattn=context, y=y, guidance=guidance,
+                                       transformer_options=dict(options or {}), **kwargs)
+
+
+def test_strength_one_and_an_all_ones_mask_give_the_hosts_reference_result(host, flux):
+    refs = (reference_latent(1), reference_latent(2, (6, 10)))
+    cond = with_references(host, conditioning(1), *refs)
+    hosts = sample(host, flux, cond)
+    assert not torch.equal(hosts, sample(host, flux, conditioning(1)))  # the references act
+    assert torch.equal(sample(host, flux, controlled(host, cond, 2)), hosts)  # identity: no bias at all
+    ones = controlled(host, cond, 1, mask=torch.ones(1, 64, 96))  # through the bias: all zeros
+    torch.testing.assert_close(sample(host, flux, ones), hosts, rtol=1e-5, atol=1e-5)
+
+
+def test_strength_zero_or_an_all_zero_mask_is_the_result_without_that_reference(host, flux):
+    first, second = reference_latent(1), reference_latent(2, (6, 10))
+    without_second = sample(host, flux, with_references(host, conditioning(1), first))
+    both = with_references(host, conditioning(1), first, second)
+    for off in (controlled(host, both, 2, strength=0.0), controlled(host, both, 2, mask=torch.zeros(1, 32, 48))):
+        torch.testing.assert_close(sample(host, flux, off), without_second, rtol=1e-5, atol=1e-5)
+    alone = with_references(host, conditioning(1), first)
+    torch.testing.assert_close(sample(host, flux, controlled(host, alone, 1, strength=0.0)),
+                               sample(host, flux, conditioning(1)), rtol=1e-5, atol=1e-5)
+
+
+def test_outside_its_range_a_reference_is_not_read_and_inside_it_is_read_in_full(host, flux):
+    ref = reference_latent(3)
+    cond = with_references(host, conditioning(1), ref)
+    options = wrapper_of(controlled(host, cond, 1, start_at=0.5, end_at=1.0))
+    sampling = flux.get_model_object("model_sampling")
+    early, late = float(sampling.percent_to_sigma(0.2)), float(sampling.percent_to_sigma(0.8))
+    torch.testing.assert_close(model_call(flux, [ref], early, options), model_call(flux, [], early),
+                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(model_call(flux, [ref], late, options), model_call(flux, [ref], late),
+                               rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(model_call(flux, [ref], early), model_call(flux, [], early), atol=1e-4)
+
+
+def test_strength_between_is_between_and_a_mask_limits_where_it_acts(host, flux):
+    ref = reference_latent(4)
+    cond = with_references(host, conditioning(1), ref)
+    full, none = model_call(flux, [ref], 0.6), model_call(flux, [], 0.6)
+    half = model_call(flux, [ref], 0.6, wrapper_of(controlled(host, cond, 1, strength=0.5)))
+    assert 0.2 < float((half - none).abs().mean() / (full - none).abs().mean()) < 0.9
+    left = torch.zeros(1, 64, 96)
+    left[..., :48] = 1.0
+    masked = model_call(flux, [ref], 0.6, wrapper_of(controlled(host, cond, 1, mask=left)))
+    # one block pair mixes the halves a little; the right half stays far closer to the call without the reference
+    right_change = (masked - none)[..., 6:].abs().mean() / (full - none)[..., 6:].abs().mean()
+    left_change = (masked - none)[..., :6].abs().mean() / (full - none)[..., :6].abs().mean()
+    assert float(right_change) < 0.5 < float(left_change)
+
+
+def test_controls_name_the_reference_that_does_not_exist_and_bad_values(host):
+    cond = with_references(host, conditioning(1), reference_latent(1))
+    with pytest.raises(ValueError, match="reference 2 does not exist"):
+        controlled(host, cond, 2)
+    with pytest.raises(ValueError, match="start_at"):
+        controlled(host, cond, 1, start_at=0.8, end_at=0.2)
+    with pytest.raises(ValueError, match="mask: expected one MASK"):
+        controlled(host, cond, 1, mask=torch.ones(2, 8, 8))
+    with pytest.raises(ValueError, match="mask: it holds NaN"):
+        controlled(host, cond, 1, mask=torch.full((1, 8, 8), float("nan")))
+
+
+def test_a_second_control_of_the_same_conditioning_joins_the_first(host):
+    cond = with_references(host, conditioning(1), reference_latent(1), reference_latent(2))
+    twice = controlled(host, controlled(host, cond, 1, strength=0.5), 2, strength=0.0)
+    from comfy.patcher_extension import WrappersMP
+    wrappers = wrapper_of(twice)["wrappers"][WrappersMP.APPLY_MODEL]
+    (wrapper,) = wrappers["image_prompt_reference_controls"]
+    assert {i: s.strength for i, s in wrapper.settings.items()} == {0: 0.5, 1: 0.0}
