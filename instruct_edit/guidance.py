@@ -21,9 +21,15 @@ import torch
 SCHEDULES = ("constant", "linear")
 
 
-def three_way(null: torch.Tensor | None, image: torch.Tensor, text_image: torch.Tensor,
+def three_way(null: torch.Tensor | None, image: torch.Tensor | None, text_image: torch.Tensor,
               text_scale: float, image_scale: float) -> torch.Tensor:
-    """ε(∅,∅) + s_I·[ε(∅,I) − ε(∅,∅)] + s_T·[ε(T,I) − ε(∅,I)]; ``null`` may be None only when s_I = 1."""
+    """ε(∅,∅) + s_I·[ε(∅,I) − ε(∅,∅)] + s_T·[ε(T,I) − ε(∅,I)]. ``image`` may be None where s_T = s_I (it
+    cancels: plain CFG between ε(T,I) and ε(∅,∅)); ``null`` may be None where s_I = 1."""
+    if image is None:
+        if not math.isclose(text_scale, image_scale):
+            raise ValueError(f"text scale {text_scale} and image scale {image_scale} differ: the image-only "
+                             "prediction is needed")
+        return text_image if null is None else null + (text_image - null) * text_scale
     if null is None:
         if not math.isclose(image_scale, 1.0):
             raise ValueError(f"image scale {image_scale} needs the null (no text, no image) prediction")
@@ -49,7 +55,7 @@ def sample_std(x: torch.Tensor) -> torch.Tensor:
     return (centered.square().sum(dim=dims, keepdim=True) / (x[0].numel() - 1)).sqrt()
 
 
-def guide_denoised(x: torch.Tensor, sigma: torch.Tensor, null: torch.Tensor | None, image: torch.Tensor,
+def guide_denoised(x: torch.Tensor, sigma: torch.Tensor, null: torch.Tensor | None, image: torch.Tensor | None,
                    text_image: torch.Tensor, text_scale: float, image_scale: float,
                    rescale_factor: float = 0.0) -> torch.Tensor:
     """The guided x0 from x0 predictions at noisy input ``x`` [B, ...] and ``sigma`` [B]. Without rescale the
@@ -60,8 +66,8 @@ def guide_denoised(x: torch.Tensor, sigma: torch.Tensor, null: torch.Tensor | No
 
     def to_eps(x0: torch.Tensor) -> torch.Tensor:
         return (x - x0) / s
-    eps = three_way(None if null is None else to_eps(null), to_eps(image), to_eps(text_image),
-                    text_scale, image_scale)
+    eps = three_way(None if null is None else to_eps(null), None if image is None else to_eps(image),
+                    to_eps(text_image), text_scale, image_scale)
     return x - rescale(eps, to_eps(text_image), rescale_factor) * s
 
 

@@ -95,8 +95,8 @@ def edit_conditioning(positive, negative, image_latent: torch.Tensor, start_from
 
 class EditGuider(comfy.samplers.CFGGuider):
     """Three-way guidance over the conds "positive" ε(T,I), "image" ε(∅,I) and "negative" ε(∅,∅), all three
-    in one ``calc_cond_batch`` call (one batched UNet pass); the null branch is skipped where s_I is 1 (unless a
-    model patch sets the host's ``disable_cfg1_optimization``)."""
+    in one ``calc_cond_batch`` call (one batched UNet pass); the null branch is skipped where s_I is 1, the image
+    branch where s_T = s_I (unless a model patch sets the host's ``disable_cfg1_optimization``)."""
 
     def __init__(self, model_patcher, guidance: EditGuidance):
         super().__init__(model_patcher)
@@ -117,12 +117,13 @@ class EditGuider(comfy.samplers.CFGGuider):
             text_scale, image_scale = self.guidance.text_scale, self.guidance.image_scale
         else:
             text_scale, image_scale = self.guidance.scales(float(timestep.flatten()[0]), self.step_sigmas)  # one read
-        skip_null = math.isclose(image_scale, 1.0) and not model_options.get("disable_cfg1_optimization", False)
-        null_cond = None if skip_null else self.conds.get("negative")
-        conds = [null_cond, self.conds.get("image"), self.conds.get("positive")]
+        skip = not model_options.get("disable_cfg1_optimization", False)
+        null_cond = None if skip and math.isclose(image_scale, 1.0) else self.conds.get("negative")
+        image_cond = None if skip and math.isclose(text_scale, image_scale) else self.conds.get("image")
+        conds = [null_cond, image_cond, self.conds.get("positive")]
         null, image, text_image = comfy.samplers.calc_cond_batch(self.inner_model, conds, x, timestep, model_options)
-        return guide_denoised(x, timestep, None if null_cond is None else null, image, text_image,
-                              text_scale, image_scale, self.guidance.rescale)
+        return guide_denoised(x, timestep, None if null_cond is None else null, None if image_cond is None else image,
+                              text_image, text_scale, image_scale, self.guidance.rescale)
 
 
 def _scale_input(name: str, default: float, tooltip: str) -> io.Float.Input:

@@ -1,12 +1,16 @@
-"""Reference controls: strength, timing and mask for one reference latent of a Kontext / Qwen-Image-Edit edit."""
+"""Edits on models that read references as tokens (FLUX.1 Kontext, FLUX.2, Qwen-Image-Edit): strength, timing and
+mask per reference latent, and a guider with a text scale and an image scale."""
 from __future__ import annotations
 
 import math
 
 from comfy_api.latest import io
 
-from .edit_nodes import CATEGORY
+from ..instruct_edit.guidance import EditGuidance
+from .edit_nodes import CATEGORY, EditGuider
 from .patch.reference_tokens import ReferenceSetting, control_reference
+
+REFERENCES = "reference_latents"  # the host's conditioning key (ReferenceLatent, the Qwen-Image-Edit text encoders)
 
 
 class ReferenceLatentControls(io.ComfyNode):
@@ -57,4 +61,56 @@ class ReferenceLatentControls(io.ComfyNode):
                                                ReferenceSetting(strength, start_at, end_at, mask)))
 
 
-NODES = [ReferenceLatentControls]
+class ReferenceGuider(EditGuider):
+    """ε(∅) + s_T·[ε(T) − ε(∅)] + s_I·[ε(T,I) − ε(T)] over the conds "negative" ε(∅), "image" ε(T) (the positive
+    without its references) and "positive" ε(T,I): the three-way guidance with the roles of text and image
+    swapped, so EditGuider's combination and branch skipping serve as they are (s_T = s_I: plain CFG, no ε(T);
+    s_T = 1: no ε(∅))."""
+
+    def __init__(self, model_patcher, text_scale: float, image_scale: float):
+        super().__init__(model_patcher, EditGuidance(text_scale=image_scale, image_scale=text_scale))
+
+    def set_conds(self, positive, negative):
+        without = [[tensor, {k: v for k, v in values.items() if k != REFERENCES}] for tensor, values in positive]
+        self.inner_set_conds({"positive": positive, "image": without, "negative": negative})
+
+
+class ReferenceEditGuider(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="ReferenceEditGuider",
+            display_name="Reference Edit Guider (Kontext, Qwen Edit)",
+            category=CATEGORY,
+            description="Guidance with a text scale and an image scale for edits whose references are tokens, for "
+                        "SamplerCustomAdvanced: negative + text_scale·[positive without its references − negative] "
+                        "+ image_scale·[positive − positive without its references]. Equal scales are plain CFG at "
+                        "that scale (no extra model call); a text_scale of 1 runs no negative.",
+            inputs=[
+                io.Model.Input("model", tooltip="FLUX.1 Kontext, FLUX.2 or Qwen-Image-Edit."),
+                io.Conditioning.Input("positive", tooltip="The instruction with its reference latents (after "
+                                                          "ReferenceLatent or the Qwen-Image-Edit text encoder)."),
+                io.Conditioning.Input("negative", tooltip="The negative prompt (run only when text_scale is not 1)."),
+                io.Float.Input("text_scale", default=1.0, min=0.0, max=100.0, step=0.05, round=0.01,
+                               tooltip="How strongly the result follows the instruction (the CFG scale). Leave 1 "
+                                       "on guidance-distilled models (FLUX.1 Kontext dev); about 4 for Qwen-Image-Edit."),
+                io.Float.Input("image_scale", default=1.0, min=0.0, max=100.0, step=0.05, round=0.01,
+                               tooltip="How strongly the result follows the references. Equal to text_scale: "
+                                       "plain CFG. Otherwise one more model call per step, with the positive "
+                                       "prompt alone (the Qwen text encoder's own view of the images stays in "
+                                       "it)."),
+            ],
+            outputs=[io.Guider.Output()],
+        )
+
+    @classmethod
+    def execute(cls, model, positive, negative, text_scale, image_scale) -> io.NodeOutput:
+        if not any(values.get(REFERENCES) for _, values in positive):
+            raise ValueError("positive: it holds no reference latents; connect it through ReferenceLatent or the "
+                             "Qwen-Image-Edit text encoder with an image")
+        guider = ReferenceGuider(model, text_scale, image_scale)
+        guider.set_conds(positive, negative)
+        return io.NodeOutput(guider)
+
+
+NODES = [ReferenceLatentControls, ReferenceEditGuider]

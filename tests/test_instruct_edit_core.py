@@ -37,6 +37,16 @@ def test_image_scale_one_is_text_cfg_without_the_null_branch():
         three_way(None, image, text_image, 6.0, 1.5)
 
 
+def test_equal_scales_are_plain_cfg_without_the_image_branch():
+    _, null, image, text_image = predictions(2)
+    cfg = three_way(null, None, text_image, 4.0, 4.0)
+    torch.testing.assert_close(cfg, null + 4.0 * (text_image - null), rtol=0, atol=1e-12)
+    torch.testing.assert_close(three_way(null, image, text_image, 4.0, 4.0), cfg, rtol=0, atol=1e-12)
+    assert torch.equal(three_way(None, None, text_image, 1.0, 1.0), text_image)
+    with pytest.raises(ValueError, match="text scale 4.0 and image scale 2.0 differ"):
+        three_way(null, None, text_image, 4.0, 2.0)
+
+
 def test_combining_x0_equals_combining_eps():
     """The weights sum to 1, so guiding denoised predictions is guiding ε at the same σ."""
     x, *eps = predictions(2)

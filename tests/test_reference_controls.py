@@ -131,3 +131,58 @@ def test_a_second_control_of_the_same_conditioning_joins_the_first(host):
     wrappers = wrapper_of(twice)["wrappers"][WrappersMP.APPLY_MODEL]
     (wrapper,) = wrappers["image_prompt_reference_controls"]
     assert {i: s.strength for i, s in wrapper.settings.items()} == {0: 0.5, 1: 0.0}
+
+
+def guided_eps(host, model, guider_of, seed=5):
+    """A guider's ε at two fixed latents of the host's schedule (support.instruct_edit.replay)."""
+    from support.instruct_edit import replay
+    import comfy.samplers
+    sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "simple", 2)
+    g = torch.Generator().manual_seed(seed)
+    latents = [torch.randn(1, 16, *LATENT_HW, generator=g) for _ in range(2)]
+    return torch.stack(replay(guider_of(model), latents, sigmas))
+
+
+def host_cfg(host, positive, negative, cfg):
+    import comfy.samplers
+
+    def make(model):
+        guider = comfy.samplers.CFGGuider(model)
+        guider.set_conds(positive, negative)
+        guider.set_cfg(cfg)
+        return guider
+    return make
+
+
+def reference_guider(host, positive, negative, text_scale, image_scale):
+    return lambda model: run_node(host, "ReferenceEditGuider", model=model, positive=positive, negative=negative,
+                                  text_scale=text_scale, image_scale=image_scale)[0]
+
+
+def test_the_reference_guider_is_two_scale_guidance_and_plain_cfg_with_equal_scales(host, flux):
+    from support.instruct_edit import record_batches
+    ref = reference_latent(6)
+    positive, negative = with_references(host, conditioning(1), ref), conditioning(2)
+    cfg = guided_eps(host, flux, host_cfg(host, positive, negative, 3.0))
+    counted, calls = record_batches(flux)
+    torch.testing.assert_close(guided_eps(host, counted, reference_guider(host, positive, negative, 3.0, 3.0)), cfg,
+                               rtol=1e-5, atol=1e-5)
+    assert len(calls) == 2 * 2  # two latents, the host's two branches (batched or not) and no third
+    # unequal scales: ε(∅) + s_T·[ε(T) − ε(∅)] + s_I·[ε(T,I) − ε(T)], each ε the host's own (CFG 1 on one cond)
+    without = conditioning(1)
+    single = {name: guided_eps(host, flux, host_cfg(host, cond, negative, 1.0))
+              for name, cond in (("neg", negative), ("text", without), ("full", positive))}
+    expected = single["neg"] + 2.0 * (single["text"] - single["neg"]) + 4.0 * (single["full"] - single["text"])
+    torch.testing.assert_close(guided_eps(host, flux, reference_guider(host, positive, negative, 2.0, 4.0)), expected,
+                               rtol=1e-4, atol=1e-4)
+    # text scale 1 runs no negative: ε(T) + s_I·[ε(T,I) − ε(T)]
+    counted, calls = record_batches(flux)
+    one = guided_eps(host, counted, reference_guider(host, positive, negative, 1.0, 2.5))
+    torch.testing.assert_close(one, single["text"] + 2.5 * (single["full"] - single["text"]), rtol=1e-4, atol=1e-4)
+    assert calls and all(0 not in cond_or_uncond for cond_or_uncond, _, _ in calls)  # conds [negative, text, full]
+
+
+def test_the_reference_guider_refuses_a_positive_without_references(host, flux):
+    with pytest.raises(ValueError, match="positive: it holds no reference latents"):
+        run_node(host, "ReferenceEditGuider", model=flux, positive=conditioning(1), negative=conditioning(2),
+                 text_scale=1.0, image_scale=2.0)

@@ -105,8 +105,9 @@ class ReferenceControlsWrapper:
         return out
 
     def layout(self, base_model, x: torch.Tensor, context: torch.Tensor, references: list) -> TokenLayout | None:
-        """The call's joint sequence, or None when every reference runs as the model has it."""
-        if all(setting.is_identity for setting in self.settings.values()):
+        """The call's joint sequence, or None when every reference runs as the model has it (or there is none:
+        the branch without references of the Reference Edit Guider)."""
+        if not references or all(setting.is_identity for setting in self.settings.values()):
             return None
         model = base_model.diffusion_model
         if type(model).__module__ not in TOKEN_REFERENCE_MODELS:
