@@ -13,8 +13,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from support.diffusers_twins import diffusers_state
-from support.flux import LATENT_HW, inputs
+from support.diffusers_twins import flux_twin
+from support.flux import LATENT_HW, call_transformer, image_ids, inputs, load_flux, pack, unpack
 from tools import factory
 from tools.comfy_host import pack_module
 from tools.factory import dit_models
@@ -24,29 +24,12 @@ pytestmark = pytest.mark.host
 CONFIG = dit_models.FLUX_REDUCED
 
 
-def diffusers_twin(model):
-    """diffusers' FluxTransformer2DModel holding the host model's weights (fp32, eval), through the host's map."""
-    import comfy.utils
-    from diffusers import FluxTransformer2DModel
-    host_sd = model.model.diffusion_model.state_dict()
-    mapping = comfy.utils.flux_to_diffusers(CONFIG)
-    twin = FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=CONFIG["depth"],
-                                  num_single_layers=CONFIG["depth_single_blocks"], attention_head_dim=128,
-                                  num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
-                                  guidance_embeds=True, axes_dims_rope=tuple(CONFIG["axes_dim"]))
-    twin.load_state_dict(diffusers_state(twin, mapping, host_sd), strict=True)
-    return twin.eval()
-
-
 class Flux:
     """The host's Flux model and its diffusers twin, with helpers to patch and run both."""
 
     def __init__(self, host, models_dir):
-        import comfy.sd
-        import comfy.utils
-        sd = comfy.utils.load_torch_file(str(models_dir / "diffusion_models" / factory.FLUX_FILE))
-        self.model = comfy.sd.load_diffusion_model_state_dict(sd)
-        self.twin = diffusers_twin(self.model)
+        self.model = load_flux(models_dir)
+        self.twin = flux_twin(self.model, CONFIG)
         self.loader = pack_module("ipadapter_core.loader")
         self.encode = pack_module("nodes.ipadapter_encode")
         self.apply = pack_module("nodes.ipadapter_apply")
@@ -67,10 +50,8 @@ class Flux:
 
     def run_host(self, model, x, t, context, y, guidance, cond_or_uncond, sigma=0.5):
         """The host's transformer as its sampler calls it: the patcher's wrappers in the transformer options."""
-        options = dict(model.model_options["transformer_options"], cond_or_uncond=cond_or_uncond,
-                       sigmas=torch.full((1,), sigma), wrappers=model.wrappers)
-        with torch.no_grad():
-            return model.model.diffusion_model(x, t, context, y=y, guidance=guidance, transformer_options=options)
+        return call_transformer(model, x, t, context, y=y, guidance=guidance, cond_or_uncond=cond_or_uncond,
+                                sigma=sigma)
 
     def run_diffusers(self, folders, scales, image_embeds, x, t, context, y, guidance, block_scales=None):
         """diffusers' transformer with these adapters loaded by its own loader; ``block_scales[i]`` (one value per
@@ -90,15 +71,12 @@ class Flux:
             for i, processor in enumerate(processors):
                 processor.scale = list(block_scales[i]) if block_scales is not None else list(scales)
             kwargs = {"ip_adapter_image_embeds": image_embeds}
-        b, c, h, w = x.shape
-        packed = x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, h * w // 4, c * 4)
-        rows, cols = torch.meshgrid(torch.arange(h // 2), torch.arange(w // 2), indexing="ij")
-        img_ids = torch.stack([torch.zeros_like(rows), rows, cols], -1).reshape(-1, 3).float()
+        h, w = x.shape[-2:]
         with torch.no_grad():
-            out = self.twin(hidden_states=packed, encoder_hidden_states=context, pooled_projections=y, timestep=t,
-                            img_ids=img_ids, txt_ids=torch.zeros(context.shape[1], 3), guidance=guidance,
-                            joint_attention_kwargs=kwargs).sample
-        return out.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
+            out = self.twin(hidden_states=pack(x), encoder_hidden_states=context, pooled_projections=y, timestep=t,
+                            img_ids=image_ids(h // 2, w // 2), txt_ids=torch.zeros(context.shape[1], 3),
+                            guidance=guidance, joint_attention_kwargs=kwargs).sample
+        return unpack(out, h, w)
 
 
 @pytest.fixture(scope="module")
