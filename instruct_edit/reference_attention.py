@@ -8,8 +8,9 @@ tokens, and every attention runs over the joint sequence (length L)
 A reference's strength s scales how much every other token attends to it: log s is added to the attention
 logits of that reference's columns on all rows but its own, so each of its softmax weights there is multiplied by
 s before the row is renormalised. s = 1 adds nothing (the model's own result). s = 0 adds −∞: those columns drop
-out, and every other row is exactly that of the same call without the reference (its own rows still run, but no
-other row reads them, and no other token's position depends on them).
+out, and every other row is exactly that of the same call without the reference's tokens (its own rows still
+run, but no other row reads them). Later references keep their places (RoPE positions), so for the last (or only)
+reference this is the call without it; for an earlier one, the call without its tokens.
 
 A mask m ∈ [0, 1] over the output's token grid makes the strength per row: the output token p gets s·m[p]; the
 text rows and the other references' rows, which every region reads, get s·mean(m). So an all-ones mask is no

@@ -95,3 +95,90 @@ class TestQwenImageEdit:
         plain = qwen.run_diffusers(call.without_references())
         assert_parity(masked, plain, "Qwen-Image-Edit, references masked vs none (diffusers)")
         assert (qwen.run_diffusers(call) - plain).abs().max() > 100 * ATOL
+
+
+def controlled_call(host, pair, call: EditCall, controls: dict[int, dict]) -> torch.Tensor:
+    """The host's model call through the sampler's entry (``BaseModel.apply_model``) with the Reference Controls
+    node's hook on a conditioning that holds ``call``'s references; ``controls``: reference number -> node inputs.
+    Returned as the transformer's own output (velocity): apply_model gives x − σ·v on these flow models."""
+    from comfy.hooks import EnumHookType
+    cond = [[call.context, {"reference_latents": list(call.refs)}]]
+    for reference, inputs in controls.items():
+        (cond,) = host.NODE_CLASS_MAPPINGS["ReferenceLatentControls"].execute(
+            conditioning=cond, reference=reference, **{"start_at": 0.0, "end_at": 1.0, **inputs}).result
+    (hook,) = cond[0][1]["hooks"].get_type(EnumHookType.TransformerOptions)
+    extra = {"y": call.y, "guidance": call.guidance} if call.y is not None else {}
+    options = dict(hook.transformers_dict, cond_or_uncond=[0] * call.x.shape[0], sigmas=call.t)
+    with torch.no_grad():
+        denoised = pair.model.model.apply_model(call.x, call.t, c_crossattn=call.context, ref_latents=list(call.refs),
+                                                transformer_options=options, **extra)
+    sigma = call.t.reshape(-1, *[1] * (call.x.ndim - 1))
+    return (call.x - denoised) / sigma
+
+
+def equivalent_mask(call: EditCall, strengths: dict[int, float], grids: dict[int, torch.Tensor]) -> torch.Tensor:
+    """The additive mask [1, 1, L, L] the controls stand for, written out row by row: on reference r's columns,
+    log(s) for every row outside r (log(s·g[p]) for the output token p when r has a token-grid mask g, and
+    log(s·mean(g)) for the text and the other references' rows)."""
+    counts = token_counts(call)
+    spans = counts.spans()
+    mask = torch.zeros(1, 1, counts.total, counts.total)
+    for r, s in strengths.items():
+        columns = spans[2 + r]  # spans: text, output image, then each reference
+        grid = grids.get(r)
+        for row in range(counts.total):
+            if columns.start <= row < columns.stop:
+                continue
+            if grid is not None and spans[1].start <= row < spans[1].stop:
+                scale = s * float(grid.flatten()[row - spans[1].start])
+            else:
+                scale = s * (float(grid.mean()) if grid is not None else 1.0)
+            mask[0, 0, row, columns] = torch.log(torch.tensor(scale))
+    return mask
+
+
+def left_half(call: EditCall) -> tuple[torch.Tensor, torch.Tensor]:
+    """A pixel mask [1, 8H, 8W] of the output's left half, and the same on its token grid (H/2 x W/2; the edges fall
+    between tokens, so the grid is exactly 0 or 1)."""
+    h, w = call.x.shape[-2:]
+    pixels = torch.zeros(1, 8 * h, 8 * w)
+    pixels[..., : 4 * w] = 1.0
+    grid = torch.zeros(h // 2, w // 2)
+    grid[:, : w // 4] = 1.0
+    return pixels, grid
+
+
+class TestControlsKontext:
+    """Strength and mask on Kontext's reference against diffusers' Flux with the equivalent additive mask."""
+
+    @pytest.mark.parametrize("strength, masked", [(0.4, False), (1.0, True), (2.0, True)],
+                             ids=["strength 0.4", "mask", "strength 2 and mask"])
+    def test_controls_equal_diffusers_attention_with_the_equivalent_mask(self, host, kontext, strength, masked):
+        call = kontext.inputs(5, ref_hws=[(8, 12)])
+        pixels, grid = left_half(call)
+        ours = controlled_call(host, kontext, call, {1: {"strength": strength, **({"mask": pixels} if masked else {})}})
+        theirs = kontext.run_diffusers(call, equivalent_mask(call, {0: strength}, {0: grid} if masked else {}))
+        assert_parity(ours, theirs, f"Kontext controls, strength {strength}, mask {masked}",
+                      ours - kontext.run_host(call))
+        assert (ours - kontext.run_host(call)).abs().max() > 100 * ATOL  # the controls really changed the call
+
+
+class TestControlsQwenImageEdit:
+    def test_two_references_of_different_strengths_and_a_mask_equal_diffusers_with_the_equivalent_mask(self, host,
+                                                                                                         qwen):
+        call = qwen.inputs(6, ref_hws=[(8, 12), (8, 8)])
+        pixels, grid = left_half(call)
+        ours = controlled_call(host, qwen, call, {1: {"strength": 0.5}, 2: {"strength": 1.5, "mask": pixels}})
+        theirs = qwen.run_diffusers(call, equivalent_mask(call, {0: 0.5, 1: 1.5}, {1: grid}))
+        assert_parity(ours, theirs, "Qwen-Image-Edit controls: 0.5, and 1.5 with a mask", ours - qwen.run_host(call))
+        assert (ours - qwen.run_host(call)).abs().max() > 100 * ATOL
+
+    def test_strength_zero_on_the_first_of_two_hides_it_and_keeps_the_seconds_place(self, host, qwen):
+        """No row but its own reads the first reference; the second keeps its RoPE frame (2), so this is the call
+        without the first reference's tokens, not the call where the second reference is the first."""
+        call = qwen.inputs(7, ref_hws=[(8, 12), (8, 8)])
+        ours = controlled_call(host, qwen, call, {1: {"strength": 0.0}})
+        assert_parity(ours, qwen.run_diffusers(call, equivalent_mask(call, {0: 0.0}, {})), "Qwen strength 0")
+        last_zero = controlled_call(host, qwen, call, {2: {"strength": 0.0}})
+        without_last = EditCall(call.x, call.t, call.context, [call.refs[0]])
+        assert_parity(last_zero, qwen.run_host(without_last), "Qwen strength 0 on the last reference vs without it")
