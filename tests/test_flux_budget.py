@@ -47,3 +47,14 @@ def test_instantx_adds_no_host_syncs_and_a_fixed_number_of_operators_per_block(b
     assert one["syncs_added"] == 0 and two["syncs_added"] == 0
     assert one["ops_per_block"] <= OPS_PER_INSTANTX_BLOCK
     assert two["ops_added"] <= one["ops_added"] + 3 * one["blocks"]  # K/V concatenated once, not per step
+
+
+def test_reference_controls_add_no_host_syncs_and_no_operators_per_block(bench):
+    """Kontext's reference with the controls, over the host's own reference: a fixed strength or mask is one bias
+    per layout (3 operators per call: none per block); start/end gates it on the device each call (14)."""
+    from bench.reference_budget import ReferenceBench, dispatch as reference_dispatch
+    result = reference_dispatch(ReferenceBench(bench))
+    assert result["bare_syncs"] == 0
+    for name, row in result["cases"].items():
+        assert row["syncs_added"] == 0, name
+        assert row["ops_added"] <= (16 if "start/end" in name or "all" in name else 4), (name, row)
