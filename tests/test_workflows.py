@@ -66,6 +66,24 @@ def test_api_workflow_runs_and_saves_its_images(server, need_models, name):
             original = np.asarray(original.convert("RGB"), dtype=np.float32)
         assert np.abs(pixels[0][keep] - original[keep]).max() <= 1.0
         assert np.abs(pixels[0][~keep] - original[~keep]).mean() > 5.0, "the masked area was not repainted"
+    if name == "flux_kontext_reference_controls.json":
+        assert_reference_controls_acted(server, prompt, pixels[0])
+
+
+def assert_reference_controls_acted(server, prompt: dict, controlled: np.ndarray) -> None:
+    """The Kontext example's second reference, read at 0.7 on the left half until 80 %: its image is not that of
+    the same graph without the controls, and at strength 0 the graph gives the image without that reference."""
+    def variant(node: str, key: str, value) -> np.ndarray:
+        again = json.loads(json.dumps(prompt))
+        again[node]["inputs"][key] = value
+        (image,) = check_images(again, server.output_files(server.run_prompt(fresh_prefixes(again))))
+        return image
+    plain = variant("13", "conditioning", ["10", 0])
+    assert np.abs(controlled - plain).mean() > 0.5, "the controls did not change the edit"
+    without_second = variant("13", "conditioning", ["7", 0])
+    assert np.abs(plain - without_second).mean() > 0.5, "the second reference does nothing here"
+    off = variant("12", "strength", 0.0)
+    assert np.abs(off - without_second).max() <= 1.0, "strength 0 is not the graph without the reference"
 
 
 def test_sdxl_example_runs_on_the_full_size_sdxl_stand_ins():

@@ -55,7 +55,8 @@ def _catalogue() -> dict[str, FactoryModel]:
         FactoryModel("clip_vision/clip_vision_l.pt", lambda: hm.clip_vision("ViT-L-14", seed=10),
                      ("clip_vision_l.safetensors",)),
         FactoryModel(f"diffusion_models/{FLUX_FILE}", lambda: dit_models.flux_transformer(dit_models.FLUX_REDUCED, 30),
-                     ("flux1-dev.safetensors", "flux1-dev-fp8.safetensors")),
+                     ("flux1-dev.safetensors", "flux1-dev-fp8.safetensors",  # FLUX.1 Kontext [dev]: the same layout
+                      "flux1-dev-kontext_fp8_scaled.safetensors", "flux1-kontext-dev.safetensors")),
         FactoryModel("controlnet/flux_controlnet_layout.pth", lambda: dit_models.xlabs_controlnet(33),
                      ("flux-canny-controlnet-v3.safetensors",)),
         FactoryModel("vae/flux_ae_layout.pt", lambda: dit_models.flux_vae(34), ("ae.safetensors",)),
