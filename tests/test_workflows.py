@@ -16,12 +16,13 @@ from PIL import Image
 from support.graphs import fresh_prefixes, quick, ui_to_api, workflow_param
 from tools import comfy_host, node_reference
 from tools.comfy_host import REPO_ROOT
-from tools.run_example import MODEL_INPUTS, WORKFLOWS, map_to_stand_ins
+from tools.run_example import MODEL_INPUTS, USERS_MODELS_ONLY, WORKFLOWS, map_to_stand_ins
 from tools.workflow_ui import with_defaults
 
 pytestmark = pytest.mark.server
 
 API_FILES = sorted((WORKFLOWS / "api").glob("*.json"))
+BUILT_IN_RUNS = [p for p in API_FILES if p.name not in USERS_MODELS_ONLY]
 UI_FILES = sorted(WORKFLOWS.glob("*.json"))
 
 
@@ -53,7 +54,7 @@ def check_images(prompt: dict, files) -> list[np.ndarray]:
     return pixels
 
 
-@pytest.mark.parametrize("name", [workflow_param(p.name) for p in API_FILES])
+@pytest.mark.parametrize("name", [workflow_param(p.name) for p in BUILT_IN_RUNS])
 def test_api_workflow_runs_and_saves_its_images(server, need_models, name):
     prompt, _, files = run_workflow(server, need_models, name)
     pixels = check_images(prompt, files)
@@ -84,6 +85,17 @@ def assert_reference_controls_acted(server, prompt: dict, controlled: np.ndarray
     assert np.abs(plain - without_second).mean() > 0.5, "the second reference does nothing here"
     off = variant("12", "strength", 0.0)
     assert np.abs(off - without_second).max() <= 1.0, "strength 0 is not the graph without the reference"
+
+
+@pytest.mark.parametrize("name", sorted(USERS_MODELS_ONLY))
+def test_a_workflow_for_the_users_models_only_says_so(name, tmp_path):
+    """Its models have no built-in stand-in: mapping names the loader and the --models way, and the example runner
+    stops before starting a host, with the reason."""
+    with pytest.raises(KeyError, match="no built-in model stands in for .*run with --models DIR"):
+        map_to_stand_ins(json.loads((WORKFLOWS / "api" / name).read_text()))
+    refused = subprocess.run([sys.executable, "-m", "tools.run_example", "--workflow", str(WORKFLOWS / "api" / name)],
+                             capture_output=True, text=True, cwd=REPO_ROOT, timeout=120)
+    assert refused.returncode != 0 and USERS_MODELS_ONLY[name] in refused.stderr
 
 
 def test_sdxl_example_runs_on_the_full_size_sdxl_stand_ins():

@@ -49,6 +49,13 @@ NODE_STAND_INS = {("DualCLIPLoader", "flux"): lambda inputs: {"class_type": "CLI
                                                                          "device": "default"}}}
 
 
+# Example workflows no built-in model can run, and why: they need the user's models folder (--models).
+USERS_MODELS_ONLY = {
+    "qwen_image_edit_two_references.json": "Qwen-Image-Edit's text encoder is Qwen2.5-VL-7B, which the host builds at its "
+                                           "one size (7 B parameters, 30 GB in float32), with no smaller stand-in",
+}
+
+
 # Real files whose stand-in is a full-size factory layout (built on demand, not named by the factory itself).
 FULL_SIZE_STAND_INS = {("checkpoints", "sd_xl_base_1.0.safetensors"): "sdxl_layout.ckpt"}
 
@@ -117,6 +124,8 @@ def copy_example_images(input_dir: Path) -> None:
 
 def run(workflow: Path, models: Path | None, base_dir: Path) -> list[Path]:
     prompt = json.loads(workflow.read_text())
+    if models is None and workflow.name in USERS_MODELS_ONLY:
+        raise SystemExit(f"{workflow.name} needs your own models (--models DIR): {USERS_MODELS_ONLY[workflow.name]}")
     if models is None:
         prompt, needed = map_to_stand_ins(prompt)
         models = factory.ensure(*sorted(needed))

@@ -11,7 +11,7 @@ from PIL import Image
 from ipadapter_core.migrate import migrate
 from support.cubiq import SIZE
 from tools import comfy_host
-from tools.run_example import copy_example_images, map_to_stand_ins, needs_full_size_models
+from tools.run_example import USERS_MODELS_ONLY, copy_example_images, map_to_stand_ins, needs_full_size_models
 from tools.workflow_ui import UPLOAD_VALUE, is_widget, ordered_inputs
 
 SEED_CONTROLS = ("fixed", "increment", "decrement", "randomize")
@@ -80,7 +80,8 @@ def quick(prompt: dict, steps: int, side: int | None = None) -> dict:
 def workflow_param(name: str):
     """A workflow file name as a test parameter: those on full-size stand-ins (SDXL: a 2.6 B UNet, 10 GB in
     float32) are heavy, each run in its own process."""
-    return pytest.param(name, id=name, marks=[pytest.mark.heavy] if needs_full_size_models(name) else [])
+    heavy = name not in USERS_MODELS_ONLY and needs_full_size_models(name)
+    return pytest.param(name, id=name, marks=[pytest.mark.heavy] if heavy else [])
 
 
 def fresh_prefixes(prompt: dict) -> dict:
