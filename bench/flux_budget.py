@@ -116,21 +116,27 @@ def seconds(call, device: torch.device) -> float:
     return clock() - start
 
 
+def interleaved(calls: dict, rounds: int, device: torch.device) -> dict:
+    """Median time in ms of each of two ``calls`` (name -> call; the first is the baseline), run interleaved for
+    ``rounds``, and the median and range of the second's ratio over the first's per round."""
+    times = {name: [] for name in calls}
+    for _ in range(rounds):
+        for name, call in calls.items():
+            times[name].append(seconds(call, device))
+    baseline, candidate = times.values()
+    ratios = sorted(c / b for b, c in zip(baseline, candidate))
+    return {"rounds": rounds, **{f"{name}_ms": statistics.median(values) * 1000 for name, values in times.items()},
+            "ratio": statistics.median(ratios), "ratio_range": [ratios[0], ratios[-1]]}
+
+
 def overhead(bench: FluxBench, versions: list[str], rounds: int, batch: int = 2) -> dict:
     """Time of a bare and a patched step (median of ``rounds``, interleaved; CPU time on the CPU, wall time after a
     synchronize on a GPU), and their FLOPs."""
     bare, patched = bench.step(bench.model, batch), bench.step(bench.patched(versions), batch)
-    times = {"bare": [], "patched": []}
     with torch.no_grad():
         counted = {"bare": flops(bare), "patched": flops(patched)}  # also the warm-up
-        for _ in range(rounds):
-            for name, step in (("bare", bare), ("patched", patched)):
-                times[name].append(seconds(step, bench.device))
-    ratios = sorted(p / b for p, b in zip(times["patched"], times["bare"]))
-    medians = {name: statistics.median(values) * 1000 for name, values in times.items()}
-    return {"adapters": versions, "rounds": rounds, "device": str(bench.device), "bare_ms": medians["bare"],
-            "patched_ms": medians["patched"],
-            "ratio": statistics.median(ratios), "ratio_range": [ratios[0], ratios[-1]],
+        timed = interleaved({"bare": bare, "patched": patched}, rounds, bench.device)
+    return {"adapters": versions, "device": str(bench.device), **timed,
             "flop_ratio": counted["patched"] / counted["bare"]}
 
 

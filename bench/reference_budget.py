@@ -12,13 +12,12 @@ makes per step.
 """
 from __future__ import annotations
 
-import statistics
 import sys
 
 import torch
 
 from bench.dispatch_budget import SYNC_OPS, aten_ops
-from bench.flux_budget import LATENT_HW, FluxBench, seconds, start
+from bench.flux_budget import LATENT_HW, FluxBench, interleaved, start
 
 STEPS = 4
 
@@ -103,7 +102,7 @@ def guidance_cost(refs: ReferenceBench, rounds: int) -> dict:
         cfg.set_cfg(3.0)
         (ours,) = refs.nodes["ReferenceEditGuider"].execute(model=on, positive=positive, negative=negative,
                                                             text_scale=3.0, image_scale=2.0).result
-        return {"cfg": cfg, "reference guider": ours}
+        return {"cfg": cfg, "ours": ours}
     sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "simple", STEPS)
     latent = torch.zeros(1, 16, *LATENT_HW)
 
@@ -118,17 +117,10 @@ def guidance_cost(refs: ReferenceBench, rounds: int) -> dict:
         calls.clear()
         sampling(guider)()
         per_step[name] = {"model_calls": len(calls) / STEPS, "branches": sum(map(len, calls)) / STEPS}
-    timed = guiders(model)
-    times = {"cfg": [], "reference guider": []}
     with torch.no_grad():
-        for _ in range(rounds):
-            for name, guider in timed.items():
-                times[name].append(seconds(sampling(guider), refs.bench.device))
-    ratios = sorted(o / c for o, c in zip(times["reference guider"], times["cfg"]))
-    return {"steps": STEPS, "rounds": rounds, "per_step": per_step,
-            "cfg_ms": statistics.median(times["cfg"]) * 1000,
-            "ours_ms": statistics.median(times["reference guider"]) * 1000,
-            "ratio": statistics.median(ratios), "ratio_range": [ratios[0], ratios[-1]]}
+        timed = interleaved({name: sampling(guider) for name, guider in guiders(model).items()}, rounds,
+                            refs.bench.device)
+    return {"steps": STEPS, "per_step": per_step, **timed}
 
 
 def main(argv: list[str]) -> int:
