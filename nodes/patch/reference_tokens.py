@@ -22,6 +22,7 @@ from ...instruct_edit.reference_attention import (ReferenceBias, ReferenceContro
 
 WRAPPER_KEY = "image_prompt_reference_controls"
 OVERRIDE = "optimized_attention_override"
+KEPT_BIASES = 4  # layouts per conditioning (a run has one or two: the positive's, a negative's with other text)
 # The diffusion models whose joint sequence is [text | output image | references...] (checked in their sources).
 TOKEN_REFERENCE_MODELS = ("comfy.ldm.flux.model", "comfy.ldm.qwen_image.model")
 
@@ -127,6 +128,8 @@ class ReferenceControlsWrapper:
         key = (layout, device, dtype, id(base_model.model_sampling))
         with self._lock:
             if key not in self._biases:
+                if len(self._biases) >= KEPT_BIASES:  # an L x L tensor each: keep this run's few layouts only
+                    self._biases.pop(next(iter(self._biases)))
                 controls = tuple(self.control(base_model, i) for i in range(len(layout.references)))
                 timed = any(c.sigma_range != ReferenceControl().sigma_range for c in controls)
                 ranges = torch.tensor([c.sigma_range for c in controls], device=device) if timed else None
