@@ -105,6 +105,9 @@ class ReferenceEditGuider(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, positive, negative, text_scale, image_scale) -> io.NodeOutput:
+        for name, scale in (("text_scale", text_scale), ("image_scale", image_scale)):
+            if not math.isfinite(scale):
+                raise ValueError(f"{name}: expected a finite number, got {scale}")
         if not any(values.get(REFERENCES) for _, values in positive):
             raise ValueError("positive: it holds no reference latents; connect it through ReferenceLatent or the "
                              "Qwen-Image-Edit text encoder with an image")

@@ -186,3 +186,9 @@ def test_the_reference_guider_refuses_a_positive_without_references(host, flux):
     with pytest.raises(ValueError, match="positive: it holds no reference latents"):
         run_node(host, "ReferenceEditGuider", model=flux, positive=conditioning(1), negative=conditioning(2),
                  text_scale=1.0, image_scale=2.0)
+    positive = with_references(host, conditioning(1), reference_latent(1))
+    with pytest.raises(ValueError, match="image_scale: expected a finite number, got nan"):
+        run_node(host, "ReferenceEditGuider", model=flux, positive=positive, negative=conditioning(2),
+                 text_scale=1.0, image_scale=float("nan"))
+    with pytest.raises(ValueError, match="strength: expected a number from 0 up, got nan"):
+        controlled(host, positive, 1, strength=float("nan"))
