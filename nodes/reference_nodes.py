@@ -8,9 +8,7 @@ from comfy_api.latest import io
 
 from ..instruct_edit.guidance import EditGuidance
 from .edit_nodes import CATEGORY, EditGuider
-from .patch.reference_tokens import ReferenceSetting, control_reference
-
-REFERENCES = "reference_latents"  # the host's conditioning key (ReferenceLatent, the Qwen-Image-Edit text encoders)
+from .patch.reference_tokens import REFERENCES, ReferenceSetting, control_reference
 
 
 class ReferenceLatentControls(io.ComfyNode):

@@ -21,6 +21,7 @@ from ...instruct_edit.reference_attention import (ReferenceBias, ReferenceContro
                                                   sigma_gates, tokens_of)
 
 WRAPPER_KEY = "image_prompt_reference_controls"
+REFERENCES = "reference_latents"  # the host's conditioning key (ReferenceLatent, the Qwen-Image-Edit text encoders)
 OVERRIDE = "optimized_attention_override"
 KEPT_BIASES = 4  # layouts per conditioning (a run has one or two: the positive's, a negative's with other text)
 # The diffusion models whose joint sequence is [text | output image | references...] (checked in their sources).
@@ -157,7 +158,7 @@ def control_reference(conditioning: list, index: int, setting: ReferenceSetting)
     entry, holding every reference's setting (a second control of the same reference replaces the first)."""
     out = []
     for tensor, values in conditioning:
-        count = len(values.get("reference_latents") or [])
+        count = len(values.get(REFERENCES) or [])
         if index >= count:
             raise ValueError(f"reference: this conditioning has {count} reference latent(s) (from ReferenceLatent or "
                              f"the Qwen-Image-Edit text encoder), so reference {index + 1} does not exist")
