@@ -21,13 +21,15 @@ from dataclasses import dataclass, field
 
 import torch
 
+from tools.factory.dit_models import published_names
 from tools.factory.pool import WeightPools, meta_shapes
 
 # What the host's detection gives a FLUX.2-dev file (0.3.75), at depth 1 + 1 instead of 8 + 48.
 FLUX2_DEV = dict(in_channels=128, out_channels=128, vec_in_dim=None, context_in_dim=15360, hidden_size=6144,
                  mlp_ratio=3.0, num_heads=48, depth=8, depth_single_blocks=48, axes_dim=[32, 32, 32, 32], theta=2000,
                  patch_size=1, qkv_bias=False, guidance_embed=True, global_modulation=True, mlp_silu_act=True,
-                 ops_bias=False, default_ref_method="index", ref_index_scale=10.0)
+                 ops_bias=False, default_ref_method="index", ref_index_scale=10.0,
+                 txt_ids_dims=[3])  # 0.28+ hosts only (their FluxParams require it): the text position axis
 FLUX2_REDUCED = dict(FLUX2_DEV, depth=1, depth_single_blocks=1)
 FLUX2_SEED = 73
 TEXT_WIDTH = FLUX2_DEV["context_in_dim"]
@@ -40,7 +42,7 @@ def flux2_shapes(config: dict = FLUX2_REDUCED) -> dict[str, torch.Size]:
     fields = {f.name for f in dataclasses.fields(FluxParams)}
     with torch.device("meta"):
         module = Flux(operations=comfy.ops.disable_weight_init, **{k: v for k, v in config.items() if k in fields})
-    return meta_shapes(module)
+    return published_names(meta_shapes(module))
 
 
 def flux2_state_dict(config: dict = FLUX2_REDUCED, seed: int = FLUX2_SEED) -> dict[str, torch.Tensor]:
