@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from support.flux import LATENT_HW, conditioning, inputs
-from support.nodes import run_node
+from support.nodes import hook_options, run_node
 from tools import factory
 
 pytestmark = pytest.mark.host
@@ -47,13 +47,6 @@ def sample(host, model, positive, steps=2):
     return out["samples"]
 
 
-def wrapper_of(cond):
-    """Our APPLY_MODEL wrapper on a controlled conditioning (to run one model call with it)."""
-    from comfy.hooks import EnumHookType
-    (hook,) = cond[0][1]["hooks"].get_type(EnumHookType.TransformerOptions)
-    return hook.transformers_dict
-
-
 def model_call(model, refs, sigma, options=None, seed=0):
     """One call of the host's Flux BaseModel.apply_model, as the sampler makes it (y, guidance, ref_latents)."""
     x, _, context, y, guidance, _ = inputs(1, seed)
@@ -87,7 +80,7 @@ def test_strength_zero_or_an_all_zero_mask_is_the_result_without_that_reference(
 def test_outside_its_range_a_reference_is_not_read_and_inside_it_is_read_in_full(host, flux):
     ref = reference_latent(3)
     cond = with_references(host, conditioning(1), ref)
-    options = wrapper_of(controlled(host, cond, 1, start_at=0.5, end_at=1.0))
+    options = hook_options(controlled(host, cond, 1, start_at=0.5, end_at=1.0))
     sampling = flux.get_model_object("model_sampling")
     early, late = float(sampling.percent_to_sigma(0.2)), float(sampling.percent_to_sigma(0.8))
     torch.testing.assert_close(model_call(flux, [ref], early, options), model_call(flux, [], early),
@@ -101,11 +94,11 @@ def test_strength_between_is_between_and_a_mask_limits_where_it_acts(host, flux)
     ref = reference_latent(4)
     cond = with_references(host, conditioning(1), ref)
     full, none = model_call(flux, [ref], 0.6), model_call(flux, [], 0.6)
-    half = model_call(flux, [ref], 0.6, wrapper_of(controlled(host, cond, 1, strength=0.5)))
+    half = model_call(flux, [ref], 0.6, hook_options(controlled(host, cond, 1, strength=0.5)))
     assert 0.2 < float((half - none).abs().mean() / (full - none).abs().mean()) < 0.9
     left = torch.zeros(1, 64, 96)
     left[..., :48] = 1.0
-    masked = model_call(flux, [ref], 0.6, wrapper_of(controlled(host, cond, 1, mask=left)))
+    masked = model_call(flux, [ref], 0.6, hook_options(controlled(host, cond, 1, mask=left)))
     # one block pair mixes the halves a little; the right half stays far closer to the call without the reference
     right_change = (masked - none)[..., 6:].abs().mean() / (full - none)[..., 6:].abs().mean()
     left_change = (masked - none)[..., :6].abs().mean() / (full - none)[..., :6].abs().mean()
@@ -128,7 +121,7 @@ def test_a_second_control_of_the_same_conditioning_joins_the_first(host):
     cond = with_references(host, conditioning(1), reference_latent(1), reference_latent(2))
     twice = controlled(host, controlled(host, cond, 1, strength=0.5), 2, strength=0.0)
     from comfy.patcher_extension import WrappersMP
-    wrappers = wrapper_of(twice)["wrappers"][WrappersMP.APPLY_MODEL]
+    wrappers = hook_options(twice)["wrappers"][WrappersMP.APPLY_MODEL]
     (wrapper,) = wrappers["image_prompt_reference_controls"]
     assert {i: s.strength for i, s in wrapper.settings.items()} == {0: 0.5, 1: 0.0}
 

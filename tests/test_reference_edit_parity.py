@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from support import reference_models
+from support.nodes import hook_options
 from support.reference_models import EditCall, token_counts
 from tools import factory
 
@@ -101,14 +102,12 @@ def controlled_call(host, pair, call: EditCall, controls: dict[int, dict]) -> to
     """The host's model call through the sampler's entry (``BaseModel.apply_model``) with the Reference Controls
     node's hook on a conditioning that holds ``call``'s references; ``controls``: reference number -> node inputs.
     Returned as the transformer's own output (velocity): apply_model gives x − σ·v on these flow models."""
-    from comfy.hooks import EnumHookType
     cond = [[call.context, {"reference_latents": list(call.refs)}]]
     for reference, inputs in controls.items():
         (cond,) = host.NODE_CLASS_MAPPINGS["ReferenceLatentControls"].execute(
             conditioning=cond, reference=reference, **{"start_at": 0.0, "end_at": 1.0, **inputs}).result
-    (hook,) = cond[0][1]["hooks"].get_type(EnumHookType.TransformerOptions)
     extra = {"y": call.y, "guidance": call.guidance} if call.y is not None else {}
-    options = dict(hook.transformers_dict, cond_or_uncond=[0] * call.x.shape[0], sigmas=call.t)
+    options = dict(hook_options(cond), cond_or_uncond=[0] * call.x.shape[0], sigmas=call.t)
     with torch.no_grad():
         denoised = pair.model.model.apply_model(call.x, call.t, c_crossattn=call.context, ref_latents=list(call.refs),
                                                 transformer_options=options, **extra)

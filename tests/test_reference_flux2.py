@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from support import flux2
-from support.nodes import run_node
+from support.nodes import hook_options, run_node
 from tools.comfy_host import pack_module
 
 pytestmark = pytest.mark.host
@@ -46,11 +46,9 @@ class Calls:
 
     def controlled(self, reference: int, **inputs):
         """The node's hook options for ``reference`` (1-based) under ``inputs`` (strength, mask)."""
-        from comfy.hooks import EnumHookType
         (cond,) = run_node(self.host, "ReferenceLatentControls", conditioning=self.conditioning(), reference=reference,
                            **{"strength": 1.0, "start_at": 0.0, "end_at": 1.0, **inputs})
-        (hook,) = cond[0][1]["hooks"].get_type(EnumHookType.TransformerOptions)
-        return hook.transformers_dict
+        return hook_options(cond)
 
     @functools.cached_property
     def both(self) -> torch.Tensor:
