@@ -27,10 +27,14 @@ def feather_inward(mask: torch.Tensor, radius: int) -> torch.Tensor:
 
 
 def edit_mask(mask: torch.Tensor, image_size: tuple[int, int], policy: str, long_side: int,
-              radius: int) -> torch.Tensor:
-    """The noise mask [B, h, w] for an image of ``image_size`` (H, W) sized by the resolution ``policy``:
-    resized to the image if it differs (bilinear), sized by the same policy, then feathered inward."""
+              radius: int, images: int = 1) -> torch.Tensor:
+    """The noise mask [B, h, w] for ``images`` images of ``image_size`` (H, W) sized by the resolution ``policy``:
+    stretched to the image's size if it differs (bilinear), sized by the same policy, then feathered inward.
+    One mask serves every image; otherwise B must be ``images`` (ValueError naming the mask)."""
     mask = mask.reshape(-1, *mask.shape[-2:]).float()
+    if mask.shape[0] not in (1, images):
+        raise ValueError(f"mask: {mask.shape[0]} masks for {images} images; give one mask for every image or one "
+                         f"mask per image")
     if tuple(mask.shape[-2:]) != tuple(image_size):
         mask = F.interpolate(mask.unsqueeze(1), size=image_size, mode="bilinear", align_corners=False).squeeze(1)
     sized = apply_resolution_policy(mask.unsqueeze(-1), policy, long_side)[..., 0]

@@ -12,6 +12,7 @@ import os
 import torch
 
 from .choices import check_choice
+from .weights_file import WeightsFileError, load_weights_only
 
 COMBINE_MODES = ("concat", "add", "subtract", "average", "norm average", "max", "min")
 
@@ -91,8 +92,10 @@ def load_embeds(path: str) -> torch.Tensor:
             from safetensors.torch import load_file
             loaded = load_file(path).get(EMBEDS_KEY)
         else:
-            loaded = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # a damaged file, or a pickle that asks for code, which weights-only refuses
+            loaded = load_weights_only(path)
+    except WeightsFileError as err:
+        raise ValueError(f"embeds: {err}") from None
+    except Exception as err:  # a damaged safetensors file
         raise ValueError(f"embeds: {name} is not a readable embeds file "
                          f"({type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''})") from None
     if not isinstance(loaded, torch.Tensor) or loaded.ndim not in (2, 3) or not loaded.is_floating_point():

@@ -56,6 +56,9 @@ def arrange_frames(values: list[float], image: torch.Tensor | None, method: str)
     if image is None:
         return values, None, None
     frames, count = len(values), image.shape[0]
+    if method != "full batch" and count < 2:
+        raise ValueError(f"image: the method '{method}' pairs each reference image with another and needs at least "
+                         f"2 images; got {count} (one image takes 'full batch')")
     if method == "shift batches":
         return values * (count - 1), image[:-1].repeat_interleave(frames, 0), image[1:].repeat_interleave(frames, 0)
     if method == "alternate batches":

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from .variants import BASES, DIT_BASES, VARIANTS, Variant
+from .weights_file import WeightsFileError, load_weights_only
 
 GROUPS = ("image_proj", "ip_adapter")
 _ALIASES = {"adapter_modules": "ip_adapter", "ip_adapter_proj_model": "image_proj"}
@@ -72,10 +73,9 @@ def read_groups(path: str | os.PathLike) -> dict[str, dict[str, torch.Tensor]]:
         groups = _grouped(flat)
     else:
         try:
-            loaded = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # weights-only unpickling refuses code; a damaged file fails here too
-            raise AdapterFileError(f"{name}: not a readable weights-only torch file "
-                                   f"({type(err).__name__}: {str(err).splitlines()[0][:200]})") from None
+            loaded = load_weights_only(str(path))
+        except WeightsFileError as err:
+            raise AdapterFileError(str(err)) from None
         if not isinstance(loaded, dict):
             raise AdapterFileError(f"{name}: expected a dict of tensor groups, found {type(loaded).__name__}")
         if loaded and all(isinstance(v, torch.Tensor) for v in loaded.values()):

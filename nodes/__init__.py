@@ -8,6 +8,7 @@ from . import (apply_nodes, compat_nodes, edit_nodes, embeds_nodes, faceid_nodes
                region_nodes, schedule_nodes)
 from .combo_check import with_named_combo_errors
 from .host_features import apply_host_features
+from .input_checks import with_checked_values
 
 _routes_added = False
 
@@ -47,4 +48,4 @@ class ImagePromptEditExtension(ComfyExtension):
         register_migration_routes()
         loader_nodes.register_model_folder()
         ours = await apply_host_features(our_nodes())
-        return with_named_combo_errors([*ours, *compat_nodes.compatible_nodes(ours)])
+        return with_checked_values(with_named_combo_errors([*ours, *compat_nodes.compatible_nodes(ours)]))

@@ -38,7 +38,8 @@ COND_TIPS = {
     "negative": "Negative text and a zero image: ε(∅, ∅).",
 }
 START_LATENTS = ("empty: full edit", "input image: denoise below 1")
-MASK_TIP = ("Where the image may change (1) and where it stays (0); resized and cropped like the image. The latent "
+MASK_TIP = ("Where the image may change (1) and where it stays (0): one mask for every image or one per image; a "
+            "mask of another size is stretched to the image's size, then cropped like the image. The latent "
             "output then starts from the input image and keeps it outside the mask at every step.")
 FEATHER_TIP = "Width in pixels of the mask's soft edge, inside the masked region (outside stays unchanged)."
 
@@ -75,7 +76,7 @@ def encode_edit_image(vae, image, latent, mask, resolution: str, long_side: int,
         pixels_size = tuple(image.shape[1:3])
     if mask is None:
         return image_latent, None
-    noise_mask = edit_mask(mask, pixels_size, resolution, long_side, feather)
+    noise_mask = edit_mask(mask, pixels_size, resolution, long_side, feather, images=image_latent.shape[0])
     return image_latent, noise_mask.reshape(-1, 1, *noise_mask.shape[-2:])
 
 

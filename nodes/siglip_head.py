@@ -12,6 +12,7 @@ import folder_paths
 import torch
 
 from ..ipadapter_core.siglip_pooling import HEAD_PREFIX, PoolingHead, build_pooling_head
+from ..ipadapter_core.weights_file import load_weights_only
 
 FOLDER = "clip_vision"
 IDENTITY_KEY = "vision_model.post_layernorm.weight"  # what tells the connected encoder's file from others
@@ -24,7 +25,7 @@ def _file_tensors(path: str, wanted) -> dict[str, torch.Tensor]:
         from safetensors import safe_open
         with safe_open(path, "pt") as f:
             return {k: f.get_tensor(k) for k in f.keys() if wanted(k)}
-    loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    loaded = load_weights_only(path, mmap=True)
     return {k: v for k, v in loaded.items() if wanted(k)} if isinstance(loaded, dict) else {}
 
 
