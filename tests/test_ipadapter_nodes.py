@@ -150,7 +150,7 @@ def test_a_pickle_with_code_in_an_embeds_file_runs_nothing(host, parts, tmp_path
     path = os.path.join(folder_paths.get_input_directory(), name)
     write_pickle(path, {"embeds": Canary(canary)})
     try:
-        with pytest.raises(ValueError, match=r"embeds: crafted.ipadpt is not a readable embeds file"):
+        with pytest.raises(ValueError, match=r"embeds: crafted.ipadpt: refused for safety: reading it would run io.open"):
             run_node(host, "ImagePromptLoadEmbeds", embeds=name)
     finally:
         os.remove(path)
