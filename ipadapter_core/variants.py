@@ -7,24 +7,24 @@ file-name hint picks the row, and the first row of a shape group is the default.
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
-from .choices import check_choice
-
-# CLIP vision encoders the public adapters were trained with: hidden width, projection width, input size.
+# CLIP vision encoders the public adapters were trained with: hidden width, projection width, input size, the file
+# name users know it by and the Hugging Face repository that publishes it.
 ENCODERS = {
     "ViT-H-14": dict(hidden=1280, projection=1024, image_size=224,
-                     file="CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors"),
+                     file="CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors", source="h94/IP-Adapter (models/image_encoder)"),
     "ViT-bigG-14": dict(hidden=1664, projection=1280, image_size=224,
-                        file="CLIP-ViT-bigG-14-laion2B-39B-b160k.safetensors"),
+                        file="CLIP-ViT-bigG-14-laion2B-39B-b160k.safetensors",
+                        source="h94/IP-Adapter (sdxl_models/image_encoder)"),
     "ViT-L-14-336": dict(hidden=1024, projection=768, image_size=336,
-                         file="clip-vit-large-patch14-336.bin"),
-    "ViT-L-14": dict(hidden=1024, projection=768, image_size=224, file="clip_vision_l.safetensors"),
+                         file="clip-vit-large-patch14-336.bin", source="openai/clip-vit-large-patch14-336"),
+    "ViT-L-14": dict(hidden=1024, projection=768, image_size=224, file="clip_vision_l.safetensors",
+                     source="openai/clip-vit-large-patch14"),
     # SigLIP has no projection: its hidden states are what an adapter reads, and only their width is compared.
     # Its attention-pooled output (the "pooler output", InstantX's Flux adapter) needs the pooling head's 16 heads.
     "SigLIP-so400m-384": dict(hidden=1152, projection=None, image_size=384, file="sigclip_vision_patch14_384.safetensors",
-                              pooling_heads=16),
+                              source="google/siglip-so400m-patch14-384", pooling_heads=16),
 }
 FACE_EMBEDDING = "face-embedding"  # InsightFace ArcFace, 512 values per face
 
@@ -171,82 +171,8 @@ def check_embeds(variant: Variant, adapter_name: str, shape: tuple[int, ...]) ->
     raise ValueError(f"embeds: {adapter_name} ({variant.name}) takes {what}; got a tensor of shape {tuple(shape)}")
 
 
-# The unified loaders' presets: the variant each one means on each base model (Kolors UNets have the
-# SDXL layout, so they are found as "sdxl").
-PRESETS = {
-    "LIGHT - SD1.5 only": {"sd15": "light_sd15"},
-    "STANDARD": {"sd15": "base_sd15", "sdxl": "vit-h_sdxl"},
-    "VIT-G": {"sd15": "vit-g_sd15", "sdxl": "base_sdxl"},
-    "PLUS": {"sd15": "plus_sd15", "sdxl": "plus_sdxl"},
-    "PLUS FACE": {"sd15": "plus-face_sd15", "sdxl": "plus-face_sdxl"},
-    "FULL FACE - SD1.5 only": {"sd15": "full-face_sd15"},
-    "COMPOSITION": {"sd15": "composition_sd15", "sdxl": "composition_sdxl"},
-    "KOLORS": {"sdxl": "plus_kolors"},
-    "FLUX XLABS": {"flux": "xlabs_flux"},
-    "FLUX XLABS V2": {"flux": "xlabs-v2_flux"},
-    "FLUX INSTANTX": {"flux": "instantx_flux"},
-}
-FACEID_PRESETS = {
-    "FACEID": {"sd15": "faceid_sd15", "sdxl": "faceid_sdxl"},
-    "FACEID PLUS - SD1.5 only": {"sd15": "faceid-plus_sd15"},
-    "FACEID PLUS V2": {"sd15": "faceid-plusv2_sd15", "sdxl": "faceid-plusv2_sdxl"},
-    "FACEID PORTRAIT": {"sd15": "portrait-v11_sd15", "sdxl": "portrait_sdxl"},
-    "FACEID PORTRAIT UNNORM - SDXL only": {"sdxl": "portrait-unnorm_sdxl"},
-    "FACEID KOLORS": {"sdxl": "faceid-plus_kolors"},
-}
-# How users name the public files: a case-insensitive pattern on the name without extension ("." is any
-# character, so "-" / "_" / "." all match) and the name to ask for when none is found.
-PUBLIC_FILES = {
-    "light_sd15": (r"sd15.light(.v11)?$", "ip-adapter_sd15_light_v11.bin"),
-    "base_sd15": (r"ip.adapter.sd15$", "ip-adapter_sd15.safetensors"),
-    "vit-g_sd15": (r"sd15.vit.g$", "ip-adapter_sd15_vit-G.safetensors"),
-    "plus_sd15": (r"ip.adapter.plus.sd15$", "ip-adapter-plus_sd15.safetensors"),
-    "plus-face_sd15": (r"plus.face.sd15$", "ip-adapter-plus-face_sd15.safetensors"),
-    "full-face_sd15": (r"full.face.sd15$", "ip-adapter-full-face_sd15.safetensors"),
-    "composition_sd15": (r"plus.composition.sd15$", "ip_plus_composition_sd15.safetensors"),
-    "base_sdxl": (r"ip.adapter.sdxl$", "ip-adapter_sdxl.safetensors"),
-    "vit-h_sdxl": (r"ip.adapter.sdxl.vit.h$", "ip-adapter_sdxl_vit-h.safetensors"),
-    "plus_sdxl": (r"plus.sdxl.vit.h$", "ip-adapter-plus_sdxl_vit-h.safetensors"),
-    "plus-face_sdxl": (r"plus.face.sdxl.vit.h$", "ip-adapter-plus-face_sdxl_vit-h.safetensors"),
-    "composition_sdxl": (r"plus.composition.sdxl$", "ip_plus_composition_sdxl.safetensors"),
-    "plus_kolors": (r"ip.adapter.plus.general$", "ip_adapter_plus_general.bin"),
-    "faceid_sd15": (r"faceid.sd15$", "ip-adapter-faceid_sd15.bin"),
-    "faceid-plus_sd15": (r"faceid.plus.sd15$", "ip-adapter-faceid-plus_sd15.bin"),
-    "faceid-plusv2_sd15": (r"faceid.plusv2.sd15$", "ip-adapter-faceid-plusv2_sd15.bin"),
-    "portrait-v11_sd15": (r"faceid.portrait.v11.sd15$", "ip-adapter-faceid-portrait-v11_sd15.bin"),
-    "faceid_sdxl": (r"faceid.sdxl$", "ip-adapter-faceid_sdxl.bin"),
-    "faceid-plusv2_sdxl": (r"faceid.plusv2.sdxl$", "ip-adapter-faceid-plusv2_sdxl.bin"),
-    "portrait_sdxl": (r"faceid.portrait.sdxl$", "ip-adapter-faceid-portrait_sdxl.bin"),
-    "portrait-unnorm_sdxl": (r"faceid.portrait.sdxl.unnorm$", "ip-adapter-faceid-portrait_sdxl_unnorm.bin"),
-    "faceid-plus_kolors": (r"ipa.faceid.plus$", "ipa-faceid-plus.bin"),
-    # XLabs publishes both as ip_adapter.safetensors; its ComfyUI nodes' instructions rename them so.
-    "xlabs_flux": (r"flux.ip.adapter$", "flux-ip-adapter.safetensors"),
-    "xlabs-v2_flux": (r"flux.ip.adapter.v2$", "flux-ip-adapter-v2.safetensors"),
-    # InstantX publishes ip-adapter.bin in FLUX.1-dev-IP-Adapter; named after that repository to tell it apart.
-    "instantx_flux": (r"flux.1.dev.ip.adapter$", "FLUX.1-dev-IP-Adapter.bin"),
-}
-ENCODER_FILE_PATTERNS = {"ViT-H-14": r"vit.h.14.*s32b.b79k", "ViT-bigG-14": r"vit.bigg.14.*39b.b160k",
-                         "ViT-L-14-336": r"clip.vit.large.patch14.336",
-                         "ViT-L-14": r"(clip.vision.l|clip.vit.large.patch14)$",
-                         "SigLIP-so400m-384": r"(sigclip.vision.patch14.384|siglip.so400m.patch14.384)"}
-
-
-def preset_variant(preset: str, base: str, presets: dict = PRESETS) -> Variant:
-    """The variant a preset of ``presets`` means on a base model ("sd15", "sdxl" or "flux"), or ValueError saying
-    why not."""
-    check_choice("preset", preset, presets)
-    name = presets[preset].get(base)
-    if name is None:
-        raise ValueError(f"preset: '{preset}' has no {base.upper()} IP-Adapter; choose another preset")
-    return BY_NAME[name]
-
-
-def _stem(file_name: str) -> str:
-    return file_name.rsplit("/", 1)[-1].rsplit(".", 1)[0]
-
-
-def files_named_like(pattern: str, file_names: list[str]) -> list[str]:
-    """The files of a folder listing whose name without extension matches ``pattern`` (a value of
-    PUBLIC_FILES or ENCODER_FILE_PATTERNS), ignoring case; sorted."""
-    regex = re.compile(pattern, re.IGNORECASE)
-    return sorted(f for f in file_names if regex.search(_stem(f)))
+def layout_mates(variant: Variant) -> tuple[Variant, ...]:
+    """The rows whose files have ``variant``'s keys and shapes (only a file's name tells them apart; the first
+    without a hint is what such a file is read as when its name names none)."""
+    layout = lambda v: (v.base, v.projection, v.embed_dim, v.tokens, v.faceid_lora)
+    return tuple(v for v in VARIANTS if layout(v) == layout(variant))

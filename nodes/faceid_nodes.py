@@ -15,7 +15,8 @@ import torch
 from comfy_api.latest import io
 
 from ..ipadapter_core import prep
-from ..ipadapter_core.variants import ENCODERS, FACEID_PRESETS, PUBLIC_FILES, files_named_like, preset_variant
+from ..ipadapter_core.presets import FACEID_PRESETS, lora_file, plain, preset_variant
+from ..ipadapter_core.variants import ENCODERS
 from ..ipadapter_core.apply_options import ApplyOptions
 from .ipadapter_apply import apply_tokens
 from .ipadapter_encode import LoadedAdapter, clip_vision_for, encode_images, image_tokens, neutral_embeds
@@ -23,6 +24,13 @@ from .ipadapter_inputs import (CATEGORY, CLIP_VISION_INPUT, COMBINE_INPUT, END_I
                                REUSE_INPUT, SCALING_INPUT, START_INPUT, UNFOLD_LATER_INPUT, WEIGHT_TYPE_INPUT, Adapter,
                                Embeds, model_inputs, weight_input)
 from .loader_nodes import find_adapter, find_clip_vision, model_base
+
+
+def find_lora(variant) -> str | None:
+    """The FaceID adapter's LoRA in models/loras: the first listed file named as its public LoRA (compared by
+    ``plain``: a LoRA's weights do not say which adapter it belongs to)."""
+    wanted = plain(lora_file(variant))
+    return next((name for name in folder_paths.get_filename_list("loras") if wanted in plain(name)), None)
 
 InsightFace = io.Custom("INSIGHTFACE")
 PROVIDERS = ("CPU", "CUDA", "ROCM", "DirectML", "OpenVINO", "CoreML")
@@ -156,8 +164,9 @@ class ImagePromptUnifiedLoaderFaceID(io.ComfyNode):
             node_id="ImagePromptUnifiedLoaderFaceID",
             display_name="IP-Adapter Unified Loader FaceID",
             category=CATEGORY,
-            description="Finds the FaceID adapter of a preset for the connected model, its LoRA (in models/loras, "
-                        "applied to the model when present) and the CLIP vision FaceID-Plus needs.",
+            description="Finds the FaceID adapter of a preset for the connected model and the CLIP vision FaceID-Plus "
+                        "needs (each recognised by its weights, whatever the file is called), and its LoRA (in "
+                        "models/loras by name, applied to the model when present).",
             inputs=[io.Model.Input("model", tooltip="The model the adapter is for; returned with the LoRA applied."),
                     io.Combo.Input("preset", options=list(FACEID_PRESETS), default="FACEID PLUS V2",
                                    tooltip="Which FaceID adapter."),
@@ -184,15 +193,13 @@ class ImagePromptUnifiedLoaderFaceID(io.ComfyNode):
                 face = None
             ipadapter = replace(ipadapter, clip_vision=clip_vision, insightface=face)
         if variant.faceid_lora and lora_strength:
-            loras = files_named_like(PUBLIC_FILES[variant.name][0].rstrip("$") + ".lora$",
-                                     folder_paths.get_filename_list("loras"))
-            if loras:
-                lora = comfy.utils.load_torch_file(folder_paths.get_full_path_or_raise("loras", loras[0]),
-                                                   safe_load=True)
-                model, _ = comfy.sd.load_lora_for_models(model, None, lora, lora_strength, 0)
+            lora = find_lora(variant)
+            if lora:
+                weights = comfy.utils.load_torch_file(folder_paths.get_full_path_or_raise("loras", lora), safe_load=True)
+                model, _ = comfy.sd.load_lora_for_models(model, None, weights, lora_strength, 0)
             else:
                 logging.warning("IP-Adapter Unified Loader FaceID: no LoRA named like %s in models/loras; the "
-                                "adapter runs without it", PUBLIC_FILES[variant.name][1].rsplit(".", 1)[0] + "_lora")
+                                "adapter runs without it", lora_file(variant))
         return io.NodeOutput(model, ipadapter, ipadapter.clip_vision)
 
 

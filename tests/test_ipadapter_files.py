@@ -135,28 +135,6 @@ def test_inspect_command_prints_one_json_line_per_file(tmp_path):
     assert bad["file"] == str(broken) and "not a readable" in bad["error"]
 
 
-def test_presets_find_files_under_the_names_users_have():
-    from ipadapter_core.variants import ENCODER_FILE_PATTERNS, PUBLIC_FILES, files_named_like, preset_variant
-    listing = ["ip-adapter-plus_sd15.safetensors", "ip-adapter-plus-face_sd15.safetensors", "ip-adapter_sd15.bin",
-               "ip-adapter_sd15_light_v11.bin", "sdxl/ip-adapter_sdxl.safetensors", "ip-adapter_sdxl_vit-h.bin",
-               "IP-Adapter-Plus_SDXL_ViT-H.safetensors", "model.safetensors"]
-    found = {(p, b): files_named_like(PUBLIC_FILES[preset_variant(p, b).name][0], listing)
-             for p, b in [("PLUS", "sd15"), ("STANDARD", "sd15"), ("LIGHT - SD1.5 only", "sd15"),
-                          ("VIT-G", "sdxl"), ("STANDARD", "sdxl"), ("PLUS", "sdxl"), ("PLUS FACE", "sd15")]}
-    assert found == {("PLUS", "sd15"): ["ip-adapter-plus_sd15.safetensors"],
-                     ("STANDARD", "sd15"): ["ip-adapter_sd15.bin"],
-                     ("LIGHT - SD1.5 only", "sd15"): ["ip-adapter_sd15_light_v11.bin"],
-                     ("VIT-G", "sdxl"): ["sdxl/ip-adapter_sdxl.safetensors"],
-                     ("STANDARD", "sdxl"): ["ip-adapter_sdxl_vit-h.bin"],
-                     ("PLUS", "sdxl"): ["IP-Adapter-Plus_SDXL_ViT-H.safetensors"],
-                     ("PLUS FACE", "sd15"): ["ip-adapter-plus-face_sd15.safetensors"]}
-    assert files_named_like(ENCODER_FILE_PATTERNS["ViT-bigG-14"], ["CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors",
-                                                                   "CLIP-ViT-bigG-14-laion2B-39B-b160k.safetensors"]) == \
-        ["CLIP-ViT-bigG-14-laion2B-39B-b160k.safetensors"]
-    with pytest.raises(ValueError, match="'FULL FACE - SD1.5 only' has no SDXL IP-Adapter"):
-        preset_variant("FULL FACE - SD1.5 only", "sdxl")
-
-
 @pytest.mark.parametrize("stem, variant, tokens", [("flux-ip-adapter", "xlabs_flux", 4),
                                                    ("flux-ip-adapter-v2", "xlabs-v2_flux", 16)])
 def test_xlabs_flux_files_are_identified_at_the_published_depth(stem, variant, tokens, tmp_path):
@@ -174,17 +152,3 @@ def test_xlabs_flux_files_are_identified_at_the_published_depth(stem, variant, t
     assert json.loads(result.stdout) == {"file": str(path), "variant": variant, "base": "flux", "tokens": tokens,
                                          "encoder": "ViT-L-14", "encoder_output": "image_embeds",
                                          "faceid_lora": False, "encoder_file": "clip_vision_l.safetensors"}
-
-
-def test_xlabs_flux_presets_find_the_names_users_give_the_files():
-    from ipadapter_core.variants import ENCODER_FILE_PATTERNS, PUBLIC_FILES, files_named_like, preset_variant
-    listing = ["flux-ip-adapter.safetensors", "xlabs/flux-ip-adapter-v2.safetensors", "ip-adapter_sd15.bin"]
-    assert files_named_like(PUBLIC_FILES[preset_variant("FLUX XLABS", "flux").name][0], listing) == \
-        ["flux-ip-adapter.safetensors"]
-    assert files_named_like(PUBLIC_FILES[preset_variant("FLUX XLABS V2", "flux").name][0], listing) == \
-        ["xlabs/flux-ip-adapter-v2.safetensors"]
-    assert files_named_like(ENCODER_FILE_PATTERNS["ViT-L-14"], ["clip-vit-large-patch14-336.bin", "clip_vision_l.pt",
-                                                                "clip-vit-large-patch14.safetensors"]) == \
-        ["clip-vit-large-patch14.safetensors", "clip_vision_l.pt"]
-    with pytest.raises(ValueError, match="'FLUX XLABS' has no SD15 IP-Adapter"):
-        preset_variant("FLUX XLABS", "sd15")

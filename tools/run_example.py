@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from ipadapter_core.migrate import MigrationTable
-from ipadapter_core.variants import FACEID_PRESETS, PRESETS, PUBLIC_FILES
+from ipadapter_core.presets import FACEID_PRESETS, PRESETS, PUBLISHED
 
 from . import comfy_host, factory
 
@@ -91,9 +91,9 @@ def map_to_stand_ins(prompt: dict) -> tuple[dict, set[str]]:
             mapped[node_id] = node = {**node, **replace(node["inputs"])}
         kind, preset = as_our_node(table, node["class_type"], node.get("inputs", {}).get("preset"))
         presets = PRESET_LOADERS.get(kind)
-        if presets:  # the loader finds its file by name: build the (SD1.5) stand-in the preset means
+        if presets:  # the loader finds its file by its weights: build the (SD1.5) stand-in the preset means
             variant = presets.get(preset, {}).get("sd15")
-            stand_in_name = variant and stand_in("ipadapter", PUBLIC_FILES[variant][1])
+            stand_in_name = variant and stand_in("ipadapter", PUBLISHED[variant].file)
             if stand_in_name:
                 needed.add(f"ipadapter/{stand_in_name}")
             continue
