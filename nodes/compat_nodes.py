@@ -46,20 +46,42 @@ def installed_copy(node_ids, roots) -> Path | None:
     return None
 
 
-def widget_input(spec: dict, file_options):
+def widget_input(spec: dict, file_options, tooltip: str):
     """One of that pack's widgets as a V3 input; a combo of the user's files lists what ``file_options()`` gives."""
-    name, optional = spec["name"], spec.get("optional", False)
+    name, common = spec["name"], dict(optional=spec.get("optional", False), tooltip=tooltip)
     numbers = {key: spec[key] for key in ("default", "min", "max", "step") if key in spec}
     if spec["type"] == "INT":
-        return io.Int.Input(name, optional=optional, **numbers)
+        return io.Int.Input(name, **common, **numbers)
     if spec["type"] == "FLOAT":
-        return io.Float.Input(name, optional=optional, **numbers)
+        return io.Float.Input(name, **common, **numbers)
     if spec["type"] == "STRING":
-        return io.String.Input(name, optional=optional, default=spec.get("default"), multiline=spec.get("multiline"))
+        return io.String.Input(name, **common, default=spec.get("default"), multiline=spec.get("multiline"))
     if spec["type"] == "BOOLEAN":
-        return io.Boolean.Input(name, optional=optional, default=spec.get("default"))
+        return io.Boolean.Input(name, **common, default=spec.get("default"))
     return io.Combo.Input(name, options=spec["options"] if "options" in spec else file_options(),
-                          default=spec.get("default"), optional=optional)
+                          default=spec.get("default"), **common)
+
+
+def counterpart(rule: dict, spec: dict) -> str | None:
+    """The input of ours that an input of that pack's node becomes under its migration ``rule``: a link input by its
+    name or the rule's ``rename``, a widget where the rule takes our widget's value ``from`` it or leaves our widget
+    of the same name to it; None where none does."""
+    name, values = spec["name"], rule.get("values", {})
+    if not spec["widget"]:
+        return rule.get("rename", {}).get(name, name) if name in rule["inputs"] else None
+    taken = [ours for ours, expression in values.items() if expression == {"from": name}]
+    return taken[0] if taken else (name if name not in values else None)
+
+
+def tooltips(rule: dict, source: str, target_inputs) -> dict[str, str]:
+    """Each input's tooltip: that of the input of ours it becomes, or a short one saying it has none."""
+    ours = {spec.id: spec.tooltip for spec in target_inputs}
+    tips = {}
+    for spec in rule["schema"]["inputs"]:
+        name = spec["name"]
+        tips[name] = ours.get(counterpart(rule, spec)) or rule.get("dropped_inputs", {}).get(name) or \
+            f"{source}'s {name}: {rule['to']} has no input for it (the migration report says what becomes of it)."
+    return tips
 
 
 def compatible_node(table: MigrationTable, source: str, target: type[io.ComfyNode]) -> type[io.ComfyNode]:
@@ -74,8 +96,10 @@ def compatible_node(table: MigrationTable, source: str, target: type[io.ComfyNod
         return ours.options
 
     def define_schema(cls) -> io.Schema:
-        inputs = [widget_input(spec, lambda name=spec["name"]: file_options(name)) if spec["widget"]
-                  else io.Custom(spec["type"]).Input(spec["name"], optional=spec.get("optional", False))
+        tips = tooltips(rule, source, target.define_schema().inputs)
+        inputs = [widget_input(spec, lambda name=spec["name"]: file_options(name), tips[spec["name"]]) if spec["widget"]
+                  else io.Custom(spec["type"]).Input(spec["name"], optional=spec.get("optional", False),
+                                                     tooltip=tips[spec["name"]])
                   for spec in schema["inputs"]]
         return io.Schema(
             node_id=source, display_name=f"{schema['display_name']} (IPAdapter Edit)", category=COMPAT_CATEGORY,
