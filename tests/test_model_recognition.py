@@ -3,10 +3,7 @@ look-alikes (named like the preset's file but holding another variant; truncated
 error lists what each file is. Adapter layouts are header-only safetensors files (their data a hole on disk)."""
 from __future__ import annotations
 
-import json
-import math
 import shutil
-import struct
 import subprocess
 import sys
 import uuid
@@ -15,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from bench.model_scan import write_header_only
 from ipadapter_core.model_files import choose_adapter, choose_encoder, describe, recognise
 from ipadapter_core.presets import FACEID_PRESETS, PRESETS, PUBLISHED, preset_variant
 from ipadapter_core.variants import BY_NAME, ENCODERS
@@ -29,20 +27,6 @@ CASES = [(preset, base) for table in (PRESETS, FACEID_PRESETS) for preset, bases
 
 def random_name(ext: str = ".safetensors") -> str:
     return uuid.uuid4().hex[:12] + ext
-
-
-def write_header_only(path: Path, shapes: dict, cut: int = 0) -> Path:
-    """A float16 safetensors file of these shapes whose data is a hole (``cut`` bytes short: a truncated download)."""
-    header, offset = {}, 0
-    for key, shape in shapes.items():
-        size = 2 * math.prod(shape)
-        header[key] = {"dtype": "F16", "shape": list(shape), "data_offsets": [offset, offset + size]}
-        offset += size
-    raw = json.dumps(header).encode()
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)) + raw)
-        f.truncate(8 + len(raw) + offset - cut)
-    return path
 
 
 def adapter_shapes(variant: str) -> dict:
