@@ -23,8 +23,16 @@ SHARPENING_INPUT = io.Float.Input("sharpening", default=0.0, min=0.0, max=1.0, s
                                   tooltip="Unsharp-mask amount after resizing (0 = off).")
 
 
+NAME_MAX = 255  # bytes in one file or folder name on the common file systems
+
+
 def inside(folder: str, name: str, what: str) -> str:
-    """The path of ``name`` within ``folder``; ValueError when it would leave it (.., absolute, symlinks)."""
+    """The path of ``name`` within ``folder``; ValueError when it would leave it (.., absolute, symlinks) or when a
+    part of it is longer than a file system takes."""
+    longest = max((part for part in name.replace("\\", "/").split("/")), key=lambda part: len(part.encode()))
+    if len(longest.encode()) > NAME_MAX - 16:  # room for the counter and extension the node adds
+        raise ValueError(f"{what}: a name of {len(longest.encode())} bytes is too long; a file or folder name takes "
+                         f"at most {NAME_MAX - 16} here")
     root = os.path.realpath(folder)
     path = os.path.realpath(os.path.join(root, name))
     if os.path.commonpath((root, path)) != root or path == root:

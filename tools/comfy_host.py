@@ -208,7 +208,7 @@ class HostServer:
 
         Raises PromptRejected when validation refuses it and PromptFailed when execution fails."""
         prompt_id = self.post_json("/prompt", {"prompt": prompt})["prompt_id"]
-        deadline = time.monotonic() + timeout
+        deadline, pause = time.monotonic() + timeout, 0.005
         while time.monotonic() < deadline:
             history = self.get_json(f"/history/{prompt_id}", timeout=120)  # a busy 2-core machine answers late
             entry = history.get(prompt_id)
@@ -218,7 +218,8 @@ class HostServer:
                 return entry
             if self.process.poll() is not None:
                 raise RuntimeError(f"ComfyUI died while running a prompt:\n{self.log_tail()}")
-            time.sleep(0.2)
+            time.sleep(pause)
+            pause = min(2 * pause, 0.2)  # a prompt that fails validation or runs from the cache is done in ms
         raise TimeoutError(f"prompt {prompt_id} did not finish within {timeout:.0f} s:\n{self.log_tail()}")
 
     def output_files(self, entry: dict) -> list[Path]:
