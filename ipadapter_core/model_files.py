@@ -18,6 +18,7 @@ from .loader import GROUPS, AdapterFile, AdapterFileError, _grouped, identify, r
 from .siglip_pooling import HEAD_PREFIX
 from .presets import PUBLISHED, plain
 from .variants import ENCODERS, Variant, layout_mates
+from .weights_file import load_weights_only
 
 SAFETENSORS = (".safetensors", ".sft")
 # The folders (under models/) the host lists IP-Adapters from: ours, XLabs' nodes' and Shakker-Labs' (InstantX's Flux).
@@ -62,7 +63,7 @@ def _read(path: str, kind: str) -> Found:
             if kind == "clip_vision" or any(not groups.get(group) for group in GROUPS):
                 return _as_encoder(path, shapes, kind)
         elif kind == "clip_vision":
-            loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            loaded = load_weights_only(path, mmap=True)
             if not isinstance(loaded, dict):
                 raise ValueError(f"{name}: expected a dict of tensors, found {type(loaded).__name__}")
             return _as_encoder(path, {k: tuple(v.shape) for k, v in loaded.items() if isinstance(v, torch.Tensor)}, kind)
