@@ -23,13 +23,18 @@ def combo_options(node: type[io.ComfyNode]) -> dict[str, list]:
     return {spec.id: list(spec.options) for spec in node.define_schema().inputs if isinstance(spec, io.Combo.Input)}
 
 
+def once_per_class(nodes: list[type[io.ComfyNode]], marker: str, add) -> list[type[io.ComfyNode]]:
+    """``nodes``, each given ``add(node)`` unless its class already had it (a class attribute ``marker`` says so)."""
+    for node in nodes:
+        if marker not in node.__dict__:
+            add(node)
+            setattr(node, marker, True)
+    return nodes
+
+
 def with_named_combo_errors(nodes: list[type[io.ComfyNode]]) -> list[type[io.ComfyNode]]:
     """``nodes``, each with combos given the ``validate_inputs`` described above (once per class)."""
-    for node in nodes:
-        if _CHECKED not in node.__dict__:
-            add_combo_check(node)
-            setattr(node, _CHECKED, True)
-    return nodes
+    return once_per_class(nodes, _CHECKED, add_combo_check)
 
 
 def add_combo_check(node: type[io.ComfyNode]) -> None:

@@ -19,6 +19,8 @@ from numbers import Number
 import torch
 from comfy_api.latest import io
 
+from .combo_check import once_per_class
+
 _CHECKED = "_image_prompt_value_check"
 
 
@@ -85,11 +87,7 @@ def checks_of(node: type[io.ComfyNode]) -> dict:
 
 def with_checked_values(nodes: list[type[io.ComfyNode]]) -> list[type[io.ComfyNode]]:
     """``nodes``, each running its ``execute`` after the checks of its inputs (once per class)."""
-    for node in nodes:
-        if _CHECKED not in node.__dict__:
-            add_value_checks(node)
-            setattr(node, _CHECKED, True)
-    return nodes
+    return once_per_class(nodes, _CHECKED, add_value_checks)
 
 
 def add_value_checks(node: type[io.ComfyNode]) -> None:

@@ -8,12 +8,11 @@ IPAdapterAdvanced or IPAdapterFaceID) build theirs. With a copy of that pack und
 from __future__ import annotations
 
 import pytest
-import torch
 
 from ipadapter_core.migrate import MigrationTable, migrate, node_schema
 from support.cubiq import CLIP_H, CUBIQ, UI_GRAPHS, sockets
 from support.cubiq_prompts import (API_GRAPHS, api_base, api_faceid, api_node, api_style_composition, api_tail,
-                                   krita_embeds)
+                                   krita_embeds, write_saved_embeds)
 from support.graphs import assert_adapter_acted, run_images, run_on_the_full_sd15_layout, ui_to_api
 from tools import comfy_host
 from tools.run_example import map_to_stand_ins
@@ -35,8 +34,7 @@ def schema_sockets(schema: dict) -> tuple[list, list, list]:
 @pytest.fixture(scope="module")
 def compat_server(server):
     """The session's server, with embeds files as that pack's Save Embeds wrote them in its input folder."""
-    generator = torch.Generator().manual_seed(3)
-    torch.save(torch.randn(1, 257, 1280, generator=generator), server.base_dir / "input" / "reference.ipadpt")
+    write_saved_embeds(server.base_dir / "input")
     return server
 
 

@@ -19,7 +19,7 @@ from PIL import Image
 
 from bench.soak import base_prompt, prompt_mix
 from support.cubiq import UI_GRAPHS
-from support.cubiq_prompts import API_GRAPHS
+from support.cubiq_prompts import API_GRAPHS, write_saved_embeds
 from support.graphs import fresh_prefixes, quick, ui_to_api
 from support.hostile_values import SEED, hostile_cases, schema_inputs
 from tools import comfy_host
@@ -144,6 +144,9 @@ def judge(server, prompt: dict, case, names: set[str]) -> tuple[str, str]:
         if any(text in message for text in ADVICE):
             return "failed", f"advises turning a protection off: {message[:300]}"
         return "failed with a named error", ""
+    if entry["node_errors"]:  # the host left out the outputs behind the refused node and ran the others
+        errors = json.dumps(entry["node_errors"])
+        return "refused when queued", "" if case.input in errors else f"refused without naming {case.input}: {errors[:300]}"
     for path in server.output_files(entry):
         with Image.open(path) as image:
             pixels = np.asarray(image.convert("RGB"))
@@ -187,6 +190,7 @@ def report(rows: list[tuple], seconds: float, host_version: str) -> str:
 
 def test_every_input_of_every_node_meets_the_rule_with_hostile_values(server, need_models):
     object_info = server.get_json("/object_info")
+    write_saved_embeds(server.base_dir / "input")
     started = time.monotonic()
     prompts = carriers(object_info)
     for prompt in prompts.values():

@@ -8,12 +8,11 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from ipadapter_core.migrate import MigrationTable, is_api_workflow, migrate, node_schema
 from support.cubiq import (ADAPTER, CUBIQ, HOST, UI_GRAPH_IMAGES, UI_GRAPHS, CubiqGraph, graph_advanced,
                            graph_batch_weights, graph_embeds, graph_simple, graph_weights_strategy, sockets)
-from support.cubiq_prompts import API_GRAPHS, api_faceid, api_node, api_style_composition
+from support.cubiq_prompts import API_GRAPHS, api_faceid, api_node, api_style_composition, write_saved_embeds
 from support.graphs import assert_adapter_acted, run_images, run_on_the_full_sd15_layout, ui_to_api
 from tools import comfy_host
 from tools.run_example import map_to_stand_ins
@@ -56,11 +55,8 @@ def object_info(server):
 
 @pytest.fixture(scope="module")
 def saved_by_that_pack(server):
-    """Embeds files as that pack's Save Embeds wrote them (torch.save of the tensor) in the input folder:
-    penultimate CLIP ViT-H states [1, 257, 1280] and a face embedding [1, 512]."""
-    generator = torch.Generator().manual_seed(3)
-    torch.save(torch.randn(1, 257, 1280, generator=generator), server.base_dir / "input" / "reference.ipadpt")
-    torch.save(torch.randn(1, 512, generator=generator), server.base_dir / "input" / "face.ipadpt")
+    """The session's server with embeds files as that pack's Save Embeds wrote them in its input folder."""
+    write_saved_embeds(server.base_dir / "input")
     return server
 
 

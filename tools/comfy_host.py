@@ -207,7 +207,8 @@ class HostServer:
         """Queue an API-format workflow, wait for it, and return its history entry.
 
         Raises PromptRejected when validation refuses it and PromptFailed when execution fails."""
-        prompt_id = self.post_json("/prompt", {"prompt": prompt})["prompt_id"]
+        answer = self.post_json("/prompt", {"prompt": prompt})
+        prompt_id = answer["prompt_id"]
         deadline, pause = time.monotonic() + timeout, 0.005
         while time.monotonic() < deadline:
             history = self.get_json(f"/history/{prompt_id}", timeout=120)  # a busy 2-core machine answers late
@@ -215,7 +216,8 @@ class HostServer:
             if entry and entry.get("status", {}).get("completed") is not None:
                 if entry["status"].get("status_str") == "error":
                     raise PromptFailed(entry)
-                return entry
+                # outputs whose branch failed validation were left out, the rest ran: the refusals, by node
+                return {**entry, "node_errors": answer.get("node_errors") or {}}
             if self.process.poll() is not None:
                 raise RuntimeError(f"ComfyUI died while running a prompt:\n{self.log_tail()}")
             time.sleep(pause)

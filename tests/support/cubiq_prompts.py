@@ -1,7 +1,19 @@
 """API prompts in ComfyUI_IPAdapter_plus's format: that pack's example graphs, and Krita AI Diffusion's way."""
 from __future__ import annotations
 
+from pathlib import Path
+
+import torch
+
 from support.cubiq import CHECKPOINT, CLIP_H, SIZE
+
+
+def write_saved_embeds(input_dir: Path) -> None:
+    """Embeds files as that pack's Save Embeds wrote them (torch.save of the tensor) in ``input_dir``: penultimate
+    CLIP ViT-H states [1, 257, 1280] (reference.ipadpt) and a face embedding [1, 512] (face.ipadpt)."""
+    generator = torch.Generator().manual_seed(3)
+    torch.save(torch.randn(1, 257, 1280, generator=generator), input_dir / "reference.ipadpt")
+    torch.save(torch.randn(1, 512, generator=generator), input_dir / "face.ipadpt")
 
 
 def api_node(kind: str, **inputs) -> dict:
