@@ -2,8 +2,6 @@
 mask per reference latent, and a guider with a text scale and an image scale."""
 from __future__ import annotations
 
-import math
-
 from comfy_api.latest import io
 
 from ..instruct_edit.guidance import EditGuidance
@@ -45,15 +43,11 @@ class ReferenceLatentControls(io.ComfyNode):
 
     @classmethod
     def execute(cls, conditioning, reference, strength, start_at, end_at, mask=None) -> io.NodeOutput:
-        if not math.isfinite(strength) or strength < 0:
-            raise ValueError(f"strength: expected a number from 0 up, got {strength}")
-        if start_at > end_at:
+        if start_at > end_at:  # strength and the mask's values are checked with every input (nodes/input_checks)
             raise ValueError(f"start_at ({start_at}) is after end_at ({end_at}): the reference would never be read")
         if mask is not None:
             if mask.ndim not in (2, 3) or (mask.ndim == 3 and mask.shape[0] != 1):
                 raise ValueError(f"mask: expected one MASK [1, H, W], got shape {tuple(mask.shape)}")
-            if not bool(mask.isfinite().all()):
-                raise ValueError("mask: it holds NaN or infinite values")
             mask = mask.reshape(mask.shape[-2:])
         return io.NodeOutput(control_reference(conditioning, reference - 1,
                                                ReferenceSetting(strength, start_at, end_at, mask)))
@@ -103,9 +97,6 @@ class ReferenceEditGuider(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, positive, negative, text_scale, image_scale) -> io.NodeOutput:
-        for name, scale in (("text_scale", text_scale), ("image_scale", image_scale)):
-            if not math.isfinite(scale):
-                raise ValueError(f"{name}: expected a finite number, got {scale}")
         if not any(values.get(REFERENCES) for _, values in positive):
             raise ValueError("positive: it holds no reference latents; connect it through ReferenceLatent or the "
                              "Qwen-Image-Edit text encoder with an image")
