@@ -143,7 +143,8 @@ def ensure(*names: str) -> Path:
         model = CATALOGUE[name]
         path = root / name
         if not path.exists():
-            comfy_host.import_host(load_nodes=False)  # the builders read the host's model classes
+            # the builders read the host's model classes; a host first configured here gets this models folder
+            comfy_host.import_host(models_dir=root, load_nodes=False)
             path.parent.mkdir(parents=True, exist_ok=True)
             write_state_dict(model.build(), path)
     return root
