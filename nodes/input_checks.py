@@ -24,8 +24,7 @@ from .combo_check import once_per_class
 _CHECKED = "_image_prompt_value_check"
 
 
-def _range_text(spec) -> str:
-    low, high = getattr(spec, "min", None), getattr(spec, "max", None)
+def _range_text(low, high) -> str:
     if low is not None and high is not None:
         return f" from {low} to {high}"
     return f" of at least {low}" if low is not None else f" of at most {high}" if high is not None else ""
@@ -34,17 +33,18 @@ def _range_text(spec) -> str:
 def check_number(name: str, value, spec, kind: str) -> None:
     """A FLOAT or INT input's value (or each item of a list of them): a finite number inside ``spec``'s range."""
     items = list(value) if isinstance(value, (list, tuple)) else [value]
+    low, high = getattr(spec, "min", None), getattr(spec, "max", None)
+    span = _range_text(low, high)
     for index, item in enumerate(items):
         where = f"item {index + 1} of the list is" if isinstance(value, (list, tuple)) else "got"
         if isinstance(item, torch.Tensor) and item.numel() == 1:
             item = item.item()
         if not isinstance(item, Number) or isinstance(item, complex):
-            raise ValueError(f"{name}: expected {kind} numbers{_range_text(spec)}; {where} {item!r}")
+            raise ValueError(f"{name}: expected {kind} numbers{span}; {where} {item!r}")
         if not math.isfinite(item):
-            raise ValueError(f"{name}: expected a finite number{_range_text(spec)}; {where} {item}")
-        low, high = getattr(spec, "min", None), getattr(spec, "max", None)
+            raise ValueError(f"{name}: expected a finite number{span}; {where} {item}")
         if (low is not None and item < low) or (high is not None and item > high):
-            raise ValueError(f"{name}: expected a number{_range_text(spec)}; {where} {item:g}")
+            raise ValueError(f"{name}: expected a number{span}; {where} {item:g}")
 
 
 def check_pixels(name: str, value, kind: str, ranks: tuple[int, ...], layout: str) -> None:

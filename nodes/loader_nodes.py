@@ -38,9 +38,8 @@ def register_model_folder() -> None:
 def model_base(model) -> str:
     """"sd15", "sdxl" (Kolors has the SDXL layout), "flux" or "sd35" from the layers an adapter patches."""
     layers, _ = cross_attention_layers(model)
-    family = layers[0].family if layers else "unet"
-    base = {"flux": "flux", "sd3": "sd35"}.get(family) or {768: "sd15", 2048: "sdxl"}.get(layers[0].context_dim if layers
-                                                                                           else 0)
+    family, context = (layers[0].family, layers[0].context_dim) if layers else ("unet", 0)
+    base = {"flux": "flux", "sd3": "sd35"}.get(family) or {768: "sd15", 2048: "sdxl"}.get(context)
     if base is None:
         raise ValueError("model: the unified loaders know SD1.5 (context 768) and SDXL (context 2048) UNets, Flux "
                          "transformers and SD3.5 MMDiTs; load an adapter file with Load IP-Adapter instead")
